@@ -1,0 +1,81 @@
+//! The container runtime behind every Kisara node.
+//!
+//! The agent talks to its engine only through [`Runtime`]. [`docker::DockerRuntime`] drives a
+//! real Docker Engine over its HTTP API (bollard); [`hollow::HollowRuntime`] keeps containers in
+//! memory so that a thousand simulated nodes can load the control plane in a benchmark. One
+//! conformance suite (`tests/conformance.rs`) runs against both so the fake cannot drift.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use kisara_api::agent::{
+    ContainerConfig, InventoryContainer, InventoryNetwork, LogChunk, NetworkConfig,
+};
+use kisara_api::{EngineInfo, ExecRequest, ExecResult, ImageSummary, NodeStatus, PullProgress};
+
+pub mod docker;
+pub mod hollow;
+
+/// What can go wrong in a runtime call. The variants map onto API error codes at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// A network's subnet overlaps one already on the engine.
+    #[error("subnet {0} overlaps a network already on the engine")]
+    SubnetOverlap(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("engine error: {0}")]
+    Engine(String),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// Label filter: only objects carrying `key=value` labels are listed.
+pub type LabelFilter = Vec<(String, String)>;
+
+/// A container runtime on one node.
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Static facts about the engine.
+    async fn info(&self) -> Result<EngineInfo>;
+    /// Measured status (cpu, memory, disk, counts of containers matching `filter`).
+    async fn status(&self, filter: &LabelFilter) -> Result<NodeStatus>;
+
+    /// Create and start a container; on any failure remove whatever was made.
+    async fn launch(&self, config: &ContainerConfig) -> Result<InventoryContainer>;
+    async fn inspect(&self, docker_id: &str) -> Result<InventoryContainer>;
+    /// Stop (SIGTERM, then SIGKILL after `timeout`). Stopping a stopped container is not an error.
+    async fn stop(&self, docker_id: &str, timeout: Duration) -> Result<()>;
+    /// Remove (with its anonymous volumes). Removing a missing container is `NotFound`.
+    async fn remove(&self, docker_id: &str, force: bool) -> Result<()>;
+    async fn list_containers(&self, filter: &LabelFilter) -> Result<Vec<InventoryContainer>>;
+    /// Run a command, collect stdout, stderr and the exit code; give up after the request's
+    /// timeout (then `timed_out` is set and `exit_code` is `None`).
+    async fn exec(&self, docker_id: &str, request: &ExecRequest) -> Result<ExecResult>;
+    /// Output of a container; with `follow` the stream goes on until the container stops.
+    fn logs(
+        &self,
+        docker_id: &str,
+        tail: Option<u64>,
+        follow: bool,
+    ) -> BoxStream<'static, Result<LogChunk>>;
+
+    async fn list_images(&self) -> Result<Vec<ImageSummary>>;
+    /// Pull an image; the stream ends with an error item when the pull fails.
+    fn pull_image(&self, reference: &str) -> BoxStream<'static, Result<PullProgress>>;
+    async fn remove_image(&self, reference: &str, force: bool) -> Result<()>;
+
+    /// Create a bridge network; `SubnetOverlap` when the engine already uses the subnet.
+    async fn create_network(&self, config: &NetworkConfig) -> Result<String>;
+    async fn remove_network(&self, docker_id: &str) -> Result<()>;
+    async fn list_networks(&self, filter: &LabelFilter) -> Result<Vec<InventoryNetwork>>;
+    /// Every IPv4 subnet used by any network on the engine, Kisara's or not.
+    async fn used_subnets(&self) -> Result<Vec<String>>;
+}

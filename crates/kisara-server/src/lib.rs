@@ -1,0 +1,1 @@
+//! The Kisara control plane: HTTP API, agent hub, scheduling and allocation

@@ -1,0 +1,1 @@
+//! Kisara's embedded SQLite store: nodes, containers, networks, tokens and allocations
