@@ -1,1 +1,15 @@
-//! Pure domain logic of Kisara: config, port specs, subnet pools, container policy, scheduling
+//! Pure domain logic of Kisara: config, port specs, subnet pools, container policy.
+//!
+//! Nothing in here touches Docker, the network or the clock: every function takes plain data
+//! and returns plain data (the only I/O is [`config::Config::load`], which reads one file), so
+//! the rules that protect operators are table- and property-tested without a Docker host.
+//! The server turns a [`CoreError`] into an HTTP status at its edge.
+
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod policy;
+pub mod pool;
+pub mod ports;
+
+pub use error::{CoreError, Result};
