@@ -1,1 +1,432 @@
-//! The Kisara node agent: dials the server and serves its requests against the local runtime
+//! The Kisara node agent.
+//!
+//! The agent dials the server (never the reverse, so a node behind NAT can join), presents the
+//! join token once and a per-node credential after that, sends its inventory, heartbeats with
+//! the node's status, and serves the server's requests against its [`Runtime`]. When the
+//! channel drops it reconnects with capped, jittered backoff; containers keep running.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use kisara_api::agent::{
+    AgentMessage, Hello, Operation, Reply, Secret, ServerMessage, PROTOCOL_VERSION,
+};
+use kisara_api::{codes, ErrorBody};
+use kisara_runtime::{LabelFilter, Runtime, RuntimeError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// How the agent joins and what it advertises.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The server's base URL, `http://host:port` (or `ws://`).
+    pub server_url: String,
+    pub name: String,
+    pub join_token: Option<Secret>,
+    /// Where the node id and credential are kept between runs (file `node.json`, mode 0600).
+    pub state_dir: PathBuf,
+    /// Address advertised for ports published on this node.
+    pub public_address: String,
+    pub labels: BTreeMap<String, String>,
+    /// Kisara's `max_container`; 0 = unlimited.
+    pub max_containers: u32,
+}
+
+/// Errors that end the agent (everything else is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the server rejected this node: {0}")]
+    Rejected(String),
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid server URL {0:?}")]
+    Url(String),
+}
+
+/// What the agent remembers between runs.
+#[derive(Serialize, Deserialize)]
+struct Identity {
+    node_id: String,
+    credential: Secret,
+}
+
+pub struct Agent {
+    runtime: Arc<dyn Runtime>,
+    opts: AgentOptions,
+}
+
+/// Outcome of one connection.
+enum SessionEnd {
+    /// Channel dropped after a successful join: reconnect soon.
+    Dropped,
+    /// Never got in: back off.
+    Failed(String),
+    Shutdown,
+}
+
+impl Agent {
+    pub fn new(runtime: Arc<dyn Runtime>, opts: AgentOptions) -> Self {
+        Agent { runtime, opts }
+    }
+
+    fn identity_path(&self) -> PathBuf {
+        self.opts.state_dir.join("node.json")
+    }
+
+    fn load_identity(&self) -> Option<Identity> {
+        let text = std::fs::read_to_string(self.identity_path()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save_identity(&self, id: &Identity) -> Result<(), AgentError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |source| AgentError::State {
+            path: self.opts.state_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.opts.state_dir).map_err(err)?;
+        let tmp = self.opts.state_dir.join("node.json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err)?;
+        let text = serde_json::to_string(id).unwrap_or_default();
+        f.write_all(text.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, self.identity_path()).map_err(err)
+    }
+
+    fn connect_url(&self) -> Result<String, AgentError> {
+        let base = self.opts.server_url.trim_end_matches('/');
+        let ws = if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if base.starts_with("ws://") || base.starts_with("wss://") {
+            base.to_string()
+        } else {
+            return Err(AgentError::Url(self.opts.server_url.clone()));
+        };
+        Ok(format!("{ws}/v1/agent/connect"))
+    }
+
+    /// Runs until `shutdown` is cancelled or the server rejects the node for good.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let url = self.connect_url()?;
+        let engine = loop {
+            match self.runtime.info().await {
+                Ok(i) => break i,
+                Err(e) => {
+                    tracing::warn!(error = %e, "container engine not answering; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            }
+        };
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let end = self.session(&url, &engine, &shutdown).await?;
+            let wait = match end {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Dropped => {
+                    backoff = Duration::from_millis(250);
+                    tracing::warn!("channel to the server dropped; reconnecting");
+                    backoff
+                }
+                SessionEnd::Failed(why) => {
+                    tracing::warn!(reason = %why, retry_in = ?backoff, "cannot reach the server");
+                    let w = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    w
+                }
+            };
+            let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+            tokio::select! {
+                _ = tokio::time::sleep(wait + jitter) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        url: &str,
+        engine: &kisara_api::EngineInfo,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, AgentError> {
+        let connect = tokio::select! {
+            c = tokio_tungstenite::connect_async(url) => c,
+            _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
+        let (mut ws, _) = match connect {
+            Ok(c) => c,
+            Err(e) => return Ok(SessionEnd::Failed(e.to_string())),
+        };
+        let identity = self.load_identity();
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            name: self.opts.name.clone(),
+            join_token: self.opts.join_token.clone(),
+            node_id: identity.as_ref().map(|i| i.node_id.clone()),
+            credential: identity.as_ref().map(|i| i.credential.clone()),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            engine: engine.clone(),
+            public_address: self.opts.public_address.clone(),
+            labels: self.opts.labels.clone(),
+            max_containers: self.opts.max_containers,
+        };
+        let text = serde_json::to_string(&AgentMessage::Hello(hello)).unwrap_or_default();
+        if let Err(e) = ws.send(Message::text(text)).await {
+            return Ok(SessionEnd::Failed(e.to_string()));
+        }
+        let welcome = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        let (node_id, cluster_id, interval) = match welcome {
+            Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<ServerMessage>(&t) {
+                Ok(ServerMessage::Welcome {
+                    node_id,
+                    credential,
+                    cluster_id,
+                    heartbeat_interval_ms,
+                }) => {
+                    if let Some(credential) = credential {
+                        self.save_identity(&Identity {
+                            node_id: node_id.clone(),
+                            credential,
+                        })?;
+                    }
+                    (
+                        node_id,
+                        cluster_id,
+                        Duration::from_millis(heartbeat_interval_ms.max(100)),
+                    )
+                }
+                Ok(ServerMessage::Rejected { reason }) => {
+                    // A stale credential with a join token at hand: forget it and rejoin.
+                    if identity.is_some() && self.opts.join_token.is_some() {
+                        let _ = std::fs::remove_file(self.identity_path());
+                        return Ok(SessionEnd::Failed(reason));
+                    }
+                    return Err(AgentError::Rejected(reason));
+                }
+                _ => return Ok(SessionEnd::Failed("unexpected first frame".into())),
+            },
+            _ => return Ok(SessionEnd::Failed("no welcome from the server".into())),
+        };
+        tracing::info!(%node_id, "joined the cluster");
+        let filter: LabelFilter = vec![(kisara_api::labels::CLUSTER.to_string(), cluster_id)];
+
+        let (mut sink, mut stream) = ws.split();
+        let (tx, mut rx) = mpsc::channel::<AgentMessage>(1024);
+        let writer = tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                let Ok(text) = serde_json::to_string(&msg) else {
+                    continue;
+                };
+                if sink.send(Message::text(text)).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+
+        // Inventory first, so the server reconciles before it trusts its records.
+        {
+            let rt = self.runtime.clone();
+            let tx = tx.clone();
+            let filter = filter.clone();
+            tokio::spawn(async move {
+                let containers = rt.list_containers(&filter).await.unwrap_or_default();
+                let networks = rt.list_networks(&filter).await.unwrap_or_default();
+                let _ = tx
+                    .send(AgentMessage::Inventory {
+                        containers,
+                        networks,
+                    })
+                    .await;
+            });
+        }
+        let heartbeat = {
+            let rt = self.runtime.clone();
+            let tx = tx.clone();
+            let filter = filter.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let status = rt.status(&filter).await.unwrap_or_default();
+                    if tx.send(AgentMessage::Heartbeat { status }).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+
+        let streams: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Default::default();
+        let mut tasks = tokio::task::JoinSet::new();
+        let end = loop {
+            let frame = tokio::select! {
+                f = stream.next() => f,
+                _ = shutdown.cancelled() => break SessionEnd::Shutdown,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            };
+            let text = match frame {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break SessionEnd::Dropped,
+                Some(Ok(_)) => continue,
+            };
+            match serde_json::from_str::<ServerMessage>(&text) {
+                Ok(ServerMessage::Request { id, op }) => {
+                    let rt = self.runtime.clone();
+                    let tx = tx.clone();
+                    let streaming = matches!(op, Operation::Logs { .. } | Operation::PullImage { .. });
+                    let streams2 = streams.clone();
+                    let handle = tasks.spawn(async move {
+                        serve(rt, id, op, &tx).await;
+                        if let Ok(mut s) = streams2.lock() {
+                            s.remove(&id);
+                        }
+                    });
+                    if streaming {
+                        if let Ok(mut s) = streams.lock() {
+                            s.insert(id, handle);
+                        }
+                    }
+                }
+                Ok(ServerMessage::Cancel { id }) => {
+                    if let Some(h) = streams.lock().ok().and_then(|mut s| s.remove(&id)) {
+                        h.abort();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "undecodable frame from the server"),
+            }
+        };
+        heartbeat.abort();
+        tasks.abort_all();
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        Ok(end)
+    }
+}
+
+/// The error body an agent answers with; the server picks the HTTP status from the code.
+pub fn error_body(e: &RuntimeError) -> ErrorBody {
+    let code = match e {
+        RuntimeError::NotFound(_) => codes::NOT_FOUND,
+        RuntimeError::Conflict(_) => codes::CONFLICT,
+        RuntimeError::BadRequest(_) => codes::BAD_REQUEST,
+        RuntimeError::SubnetOverlap(_) => "subnet_overlap",
+        RuntimeError::Timeout(_) => codes::TIMEOUT,
+        RuntimeError::Engine(_) => codes::RUNTIME,
+    };
+    ErrorBody::new(code, e.to_string())
+}
+
+async fn serve(rt: Arc<dyn Runtime>, id: u64, op: Operation, tx: &mpsc::Sender<AgentMessage>) {
+    let reply = |r: Result<Reply, RuntimeError>| AgentMessage::Reply {
+        id,
+        result: r.map_err(|e| error_body(&e)),
+    };
+    let msg = match op {
+        Operation::Launch { config } => reply(rt.launch(&config).await.map(Reply::Launched)),
+        Operation::Inspect { docker_id } => {
+            reply(rt.inspect(&docker_id).await.map(Reply::Container))
+        }
+        Operation::Stop {
+            docker_id,
+            timeout_secs,
+        } => reply(
+            rt.stop(&docker_id, Duration::from_secs(timeout_secs as u64))
+                .await
+                .map(|_| Reply::Done),
+        ),
+        Operation::Remove { docker_id, force } => {
+            reply(rt.remove(&docker_id, force).await.map(|_| Reply::Done))
+        }
+        Operation::Exec { docker_id, request } => {
+            reply(rt.exec(&docker_id, &request).await.map(Reply::Exec))
+        }
+        Operation::ListContainers => reply(
+            rt.list_containers(&Vec::new())
+                .await
+                .map(|cs| {
+                    cs.into_iter()
+                        .filter(|c| c.labels.keys().any(|k| k.starts_with(kisara_api::labels::PREFIX)))
+                        .collect()
+                })
+                .map(Reply::Containers),
+        ),
+        Operation::ListImages => reply(rt.list_images().await.map(Reply::Images)),
+        Operation::RemoveImage { reference, force } => {
+            reply(rt.remove_image(&reference, force).await.map(|_| Reply::Done))
+        }
+        Operation::CreateNetwork { config } => reply(
+            rt.create_network(&config)
+                .await
+                .map(|docker_id| Reply::NetworkCreated { docker_id }),
+        ),
+        Operation::RemoveNetwork { docker_id } => {
+            reply(rt.remove_network(&docker_id).await.map(|_| Reply::Done))
+        }
+        Operation::ListNetworks => reply(rt.list_networks(&Vec::new()).await.map(Reply::Networks)),
+        Operation::UsedSubnets => reply(rt.used_subnets().await.map(Reply::Subnets)),
+        Operation::Logs {
+            docker_id,
+            tail,
+            follow,
+        } => {
+            let s = rt.logs(&docker_id, tail, follow);
+            forward(id, s, tx).await;
+            return;
+        }
+        Operation::PullImage { reference } => {
+            let s = rt.pull_image(&reference);
+            forward(id, s, tx).await;
+            return;
+        }
+    };
+    let _ = tx.send(msg).await;
+}
+
+/// Sends a runtime stream as Stream frames and one StreamEnd.
+async fn forward<T: Serialize>(
+    id: u64,
+    mut s: futures::stream::BoxStream<'static, Result<T, RuntimeError>>,
+    tx: &mpsc::Sender<AgentMessage>,
+) {
+    while let Some(item) = s.next().await {
+        match item {
+            Ok(v) => {
+                let item = serde_json::to_value(&v).unwrap_or_default();
+                if tx.send(AgentMessage::Stream { id, item }).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx
+                    .send(AgentMessage::StreamEnd {
+                        id,
+                        error: Some(error_body(&e)),
+                    })
+                    .await;
+                return;
+            }
+        }
+    }
+    let _ = tx.send(AgentMessage::StreamEnd { id, error: None }).await;
+}

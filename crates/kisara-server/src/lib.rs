@@ -1,1 +1,177 @@
-//! The Kisara control plane: HTTP API, agent hub, scheduling and allocation
+//! The Kisara control plane.
+//!
+//! The server owns desired state (in the SQLite store) and reaches Docker only through the
+//! agents that dial in over `/v1/agent/connect`. `kisara up` runs this server and one agent in
+//! the same process; `kisara server` runs it alone.
+//!
+//! [`Server::run`] takes its listener and a shutdown future, so tests bind `127.0.0.1:0`.
+
+use std::future::{Future, IntoFuture};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kisara_api::agent::Secret;
+use kisara_core::config::ServerSettings;
+use kisara_store::Store;
+
+pub mod api;
+pub mod error;
+pub mod hub;
+pub mod openapi;
+pub mod placement;
+pub mod reconcile;
+pub mod tokens;
+pub mod ws;
+
+pub use error::{ApiError, ApiResult};
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] kisara_store::StoreError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared state of every request handler.
+pub struct AppState {
+    pub store: Store,
+    pub hub: hub::Hub,
+    pub settings: ServerSettings,
+    pub cluster_id: String,
+    pub data_dir: PathBuf,
+    admin_token: Secret,
+    join_token: Secret,
+    /// Cancelled when the server shuts down: closes agent channels and followed streams.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// Per node: labelled containers found on the engine that the store does not know.
+    unknown: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+}
+
+impl AppState {
+    pub fn admin_token(&self) -> &Secret {
+        &self.admin_token
+    }
+    pub fn join_token(&self) -> &Secret {
+        &self.join_token
+    }
+    pub fn unknown_containers(&self) -> std::collections::HashMap<String, Vec<String>> {
+        self.unknown.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+    pub fn set_unknown_containers(&self, node_id: &str, ids: Vec<String>) {
+        if let Ok(mut m) = self.unknown.lock() {
+            m.insert(node_id.to_string(), ids);
+        }
+    }
+}
+
+/// A server ready to run.
+#[derive(Clone)]
+pub struct Server {
+    state: Arc<AppState>,
+}
+
+/// File names inside the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const JOIN_TOKEN_FILE: &str = "join.token";
+pub const STORE_FILE: &str = "kisara.db";
+
+impl Server {
+    /// Opens (or initialises) the data directory: store, cluster id, tokens.
+    pub fn open(settings: ServerSettings, data_dir: PathBuf) -> Result<Server, ServerError> {
+        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
+        }
+        let store = Store::open(&data_dir.join(STORE_FILE))?;
+        let cluster_id = match store.get_meta("cluster_id")? {
+            Some(id) => id,
+            None => {
+                let id = new_id();
+                store.set_meta("cluster_id", &id)?;
+                id
+            }
+        };
+        let admin_token = match settings.admin_token.clone() {
+            Some(t) => {
+                tokens::write_private(&data_dir.join(ADMIN_TOKEN_FILE), t.expose())?;
+                t
+            }
+            None => tokens::load_or_create(&data_dir.join(ADMIN_TOKEN_FILE), "ksa_")?,
+        };
+        let join_token = tokens::load_or_create(&data_dir.join(JOIN_TOKEN_FILE), "ksj_")?;
+        Ok(Server {
+            state: Arc::new(AppState {
+                store,
+                hub: hub::Hub::default(),
+                settings,
+                cluster_id,
+                data_dir,
+                admin_token,
+                join_token,
+                shutdown: tokio_util::sync::CancellationToken::new(),
+                unknown: Default::default(),
+            }),
+        })
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves. Agents' channels are closed on the way out; the
+    /// containers they run keep running.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = self.router();
+        let token = self.state.shutdown.clone();
+        let graceful = token.clone();
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { graceful.cancelled().await });
+        let mut serve = std::pin::pin!(serve.into_future());
+        tokio::select! {
+            r = &mut serve => return r,
+            _ = shutdown => {}
+        }
+        token.cancel();
+        // Long-lived streams (agent channels, followed logs) watch the token; give in-flight
+        // requests a moment to finish, then stop regardless.
+        match tokio::time::timeout(std::time::Duration::from_secs(5), serve).await {
+            Ok(r) => r,
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// A new random id (12 hex characters, like Docker's short ids).
+pub fn new_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 6];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,490 @@
+//! Container routes: launch, list, inspect, stop, remove, exec, logs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use kisara_api::agent::{InventoryContainer, LogChunk, Operation, Reply};
+use kisara_api::{
+    codes, host_port_string, Container, ContainerFilter, ContainerState, ErrorBody, ExecRequest,
+    ExecResult, LaunchRequest, ListResponse, LogsQuery, NodeError, PortBinding, RemoveQuery,
+};
+use kisara_core::policy::{self, LaunchContext};
+
+use super::{ApiJson, ApiQuery};
+use crate::error::{ApiError, ApiResult};
+use crate::{new_id, now, placement, AppState};
+
+/// How long a node may take to create and start a container (images are not pulled here).
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_GRACE_SECS: u32 = 5;
+/// How long a list waits for the slowest node before reporting it as an error.
+pub const LIST_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Launch a container: placed on a node, on a network of its own unless one is named,
+/// hardened by the server's policy. On any failure nothing is left behind.
+#[utoipa::path(post, path = "/v1/containers", request_body = LaunchRequest,
+    responses((status = 201, body = Container), (status = 400, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn launch(
+    State(st): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<LaunchRequest>,
+) -> ApiResult<(StatusCode, Json<Container>)> {
+    let id = new_id();
+    // Resolve where it goes before anything is created.
+    let existing_network = match &req.network {
+        Some(name) => Some(
+            st.store
+                .get_network(name)
+                .map_err(|_| ApiError::not_found(format!("unknown network {name:?}")))?,
+        ),
+        None => None,
+    };
+    let node_id = match &existing_network {
+        Some(net) => {
+            if let Some(want) = &req.node {
+                let node = placement::resolve_node(&st, want)?;
+                if node != net.node_id {
+                    return Err(ApiError::bad_request(format!(
+                        "network {:?} lives on node {}, not on {want}",
+                        net.name, net.node_id
+                    )));
+                }
+            }
+            net.node_id.clone()
+        }
+        None => placement::choose_node(&st, req.node.as_deref())?,
+    };
+    let session = st
+        .hub
+        .get(&node_id)
+        .ok_or_else(|| ApiError::node_unavailable(format!("node {node_id} is not connected")))?;
+    let network_name = match &existing_network {
+        Some(net) => net.name.clone(),
+        None => format!("kisara-{id}"),
+    };
+    let ctx = LaunchContext {
+        cluster_id: st.cluster_id.clone(),
+        container_id: id.clone(),
+        node_id: node_id.clone(),
+        generated_name: format!("kisara-{id}"),
+        network: Some(network_name.clone()),
+    };
+    // Validation (and the hardening policy) run before any side effect.
+    let config = policy::container_config(&req, &st.settings, &ctx)?;
+
+    let owned_network = if existing_network.is_none() {
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert(kisara_api::labels::OWNED_BY.to_string(), id.clone());
+        Some(
+            super::networks::create_on_node(
+                &st,
+                &node_id,
+                &network_name,
+                None,
+                false,
+                req.internet,
+                Some(id.clone()),
+                labels,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
+    let launched = st
+        .hub
+        .call(&node_id, Operation::Launch { config }, LAUNCH_TIMEOUT)
+        .await
+        .and_then(|r| match r {
+            Reply::Launched(c) => Ok(c),
+            other => Err(ApiError::internal(format!(
+                "unexpected reply to launch: {other:?}"
+            ))),
+        });
+    let inv = match launched {
+        Ok(inv) => inv,
+        Err(e) => {
+            if let Some(net) = &owned_network {
+                super::networks::destroy(&st, net).await;
+            }
+            return Err(e);
+        }
+    };
+    let container = Container {
+        id: id.clone(),
+        docker_id: inv.docker_id.clone(),
+        name: inv.name.trim_start_matches('/').to_string(),
+        node_id: node_id.clone(),
+        image: req.image.clone(),
+        owner: req.owner.clone(),
+        module: req.module.clone(),
+        labels: req.labels.clone(),
+        network: Some(network_name),
+        ip_address: inv.ip_address.clone(),
+        state: ContainerState::from_docker(&inv.state),
+        status: inv.status.clone(),
+        ports: bindings(&inv, &session.hello.public_address),
+        host_port: String::new(),
+        created_at: now(),
+    };
+    let container = with_host_port(container);
+    if let Err(e) = st.store.insert_container(&container) {
+        // Keep Docker and the store in step: undo the launch.
+        let _ = st
+            .hub
+            .call(
+                &node_id,
+                Operation::Remove {
+                    docker_id: inv.docker_id.clone(),
+                    force: true,
+                },
+                CALL_TIMEOUT,
+            )
+            .await;
+        if let Some(net) = &owned_network {
+            super::networks::destroy(&st, net).await;
+        }
+        return Err(e.into());
+    }
+    tracing::info!(container = %id, node = %node_id, image = %req.image, "container launched");
+    Ok((StatusCode::CREATED, Json(container)))
+}
+
+/// Published ports as players see them: the node's advertised address and the host port.
+pub fn bindings(inv: &InventoryContainer, public_address: &str) -> Vec<PortBinding> {
+    inv.published
+        .iter()
+        .map(|p| PortBinding {
+            container_port: p.port.port,
+            protocol: p.port.protocol,
+            public_host: public_address.to_string(),
+            public_port: p.host_port,
+        })
+        .collect()
+}
+
+fn with_host_port(mut c: Container) -> Container {
+    c.host_port = host_port_string(&c.ports);
+    c
+}
+
+/// Containers known to the store, their state refreshed from every node involved (in
+/// parallel, with a deadline); nodes that cannot answer are listed in `node_errors`.
+#[utoipa::path(get, path = "/v1/containers", params(ContainerFilter),
+    responses((status = 200, body = ListResponse<Container>)))]
+pub async fn list(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(filter): ApiQuery<ContainerFilter>,
+) -> ApiResult<Json<ListResponse<Container>>> {
+    let node = match &filter.node {
+        Some(n) => Some(placement::resolve_node(&st, n)?),
+        None => None,
+    };
+    let mut items = st.store.list_containers(
+        filter.owner.as_deref(),
+        filter.module.as_deref(),
+        node.as_deref(),
+        filter.all.unwrap_or(false),
+    )?;
+    let mut nodes: Vec<String> = items.iter().map(|c| c.node_id.clone()).collect();
+    nodes.sort();
+    nodes.dedup();
+    let (live, node_errors) = inventories(&st, &nodes).await;
+    for c in &mut items {
+        refresh(c, live.get(&c.node_id));
+    }
+    Ok(Json(ListResponse { items, node_errors }))
+}
+
+/// Asks each node for its labelled containers, in parallel, bounded by [`LIST_DEADLINE`].
+async fn inventories(
+    st: &Arc<AppState>,
+    nodes: &[String],
+) -> (
+    HashMap<String, HashMap<String, InventoryContainer>>,
+    Vec<NodeError>,
+) {
+    let calls = nodes.iter().map(|n| {
+        let st = st.clone();
+        let n = n.clone();
+        async move {
+            let r = st
+                .hub
+                .call(&n, Operation::ListContainers, LIST_DEADLINE)
+                .await;
+            (n, r)
+        }
+    });
+    let mut live = HashMap::new();
+    let mut errors = Vec::new();
+    for (node, r) in futures::future::join_all(calls).await {
+        match r {
+            Ok(Reply::Containers(cs)) => {
+                live.insert(
+                    node,
+                    cs.into_iter().map(|c| (c.docker_id.clone(), c)).collect(),
+                );
+            }
+            Ok(other) => errors.push(NodeError {
+                node_id: node,
+                error: ApiError::internal(format!("unexpected reply: {other:?}"))
+                    .body()
+                    .error,
+            }),
+            Err(e) => errors.push(NodeError {
+                node_id: node,
+                error: e.body().error,
+            }),
+        }
+    }
+    (live, errors)
+}
+
+fn refresh(c: &mut Container, live: Option<&HashMap<String, InventoryContainer>>) {
+    if c.state == ContainerState::Gone {
+        return;
+    }
+    match live {
+        None => c.state = ContainerState::Unknown,
+        Some(m) => match m.get(&c.docker_id) {
+            Some(inv) => {
+                c.state = ContainerState::from_docker(&inv.state);
+                c.status = inv.status.clone();
+                c.ip_address = inv.ip_address.clone().or(c.ip_address.take());
+            }
+            None => {
+                c.state = ContainerState::Gone;
+                c.status = "removed outside Kisara".into();
+            }
+        },
+    }
+}
+
+/// One container, its state read live from its node.
+#[utoipa::path(get, path = "/v1/containers/{id}",
+    params(("id" = String, Path, description = "Kisara id, name, or Docker id prefix")),
+    responses((status = 200, body = Container), (status = 404, body = ErrorBody)))]
+pub async fn inspect(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Container>> {
+    let mut c = st.store.get_container(&id)?;
+    if c.state != ContainerState::Gone {
+        match st
+            .hub
+            .call(
+                &c.node_id,
+                Operation::Inspect {
+                    docker_id: c.docker_id.clone(),
+                },
+                CALL_TIMEOUT,
+            )
+            .await
+        {
+            Ok(Reply::Container(inv)) => {
+                let mut m = HashMap::new();
+                m.insert(inv.docker_id.clone(), inv);
+                refresh(&mut c, Some(&m));
+            }
+            Err(e) if e.code == codes::NOT_FOUND => refresh(&mut c, Some(&HashMap::new())),
+            _ => c.state = ContainerState::Unknown,
+        }
+        if c.state == ContainerState::Gone {
+            let _ = st
+                .store
+                .update_container_state(&c.id, ContainerState::Gone, &c.status);
+        }
+    }
+    Ok(Json(c))
+}
+
+/// Stop and remove a container and the network made for it (Kisara's stop semantics).
+#[utoipa::path(post, path = "/v1/containers/{id}/stop",
+    params(("id" = String, Path, description = "Kisara id, name, or Docker id prefix")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn stop(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let c = st.store.get_container(&id)?;
+    if c.state != ContainerState::Gone {
+        let r = st
+            .hub
+            .call(
+                &c.node_id,
+                Operation::Stop {
+                    docker_id: c.docker_id.clone(),
+                    timeout_secs: STOP_GRACE_SECS,
+                },
+                CALL_TIMEOUT + Duration::from_secs(STOP_GRACE_SECS as u64),
+            )
+            .await;
+        tolerate_not_found(r)?;
+    }
+    remove_everything(&st, &c, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Remove a container (refused while it runs unless `force`).
+#[utoipa::path(delete, path = "/v1/containers/{id}",
+    params(("id" = String, Path, description = "Kisara id, name, or Docker id prefix"), RemoveQuery),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn remove(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
+) -> ApiResult<StatusCode> {
+    let c = st.store.get_container(&id)?;
+    remove_everything(&st, &c, q.force.unwrap_or(false)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn tolerate_not_found(r: ApiResult<Reply>) -> ApiResult<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.code == codes::NOT_FOUND => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the container on its node, then its own network, then the store's record.
+pub async fn remove_everything(st: &Arc<AppState>, c: &Container, force: bool) -> ApiResult<()> {
+    if c.state != ContainerState::Gone {
+        let r = st
+            .hub
+            .call(
+                &c.node_id,
+                Operation::Remove {
+                    docker_id: c.docker_id.clone(),
+                    force,
+                },
+                CALL_TIMEOUT,
+            )
+            .await;
+        match r {
+            Err(e) if e.code == codes::CONFLICT => {
+                return Err(ApiError::conflict(format!(
+                    "container {} is running; stop it or remove it with force=true",
+                    c.id
+                )))
+            }
+            other => tolerate_not_found(other)?,
+        }
+    }
+    for net in st.store.list_networks(Some(&c.node_id))? {
+        if net.owned_by.as_deref() == Some(c.id.as_str()) {
+            super::networks::destroy(st, &net).await;
+        }
+    }
+    st.store.delete_container(&c.id)?;
+    tracing::info!(container = %c.id, "container removed");
+    Ok(())
+}
+
+/// Run a command in a container and return its output and exit code.
+#[utoipa::path(post, path = "/v1/containers/{id}/exec", request_body = ExecRequest,
+    params(("id" = String, Path, description = "Kisara id, name, or Docker id prefix")),
+    responses((status = 200, body = ExecResult), (status = 404, body = ErrorBody)))]
+pub async fn exec(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> ApiResult<Json<ExecResult>> {
+    if req.cmd.is_empty() {
+        return Err(ApiError::bad_request("exec needs a command (cmd is empty)"));
+    }
+    let timeout = req.timeout_secs.unwrap_or(30);
+    if timeout == 0 || timeout > 600 {
+        return Err(ApiError::bad_request(format!(
+            "timeout_secs must be 1..=600, got {timeout}"
+        )));
+    }
+    let c = st.store.get_container(&id)?;
+    match st
+        .hub
+        .call(
+            &c.node_id,
+            Operation::Exec {
+                docker_id: c.docker_id.clone(),
+                request: req,
+            },
+            Duration::from_secs(timeout + 10),
+        )
+        .await?
+    {
+        Reply::Exec(r) => Ok(Json(r)),
+        other => Err(ApiError::internal(format!(
+            "unexpected reply to exec: {other:?}"
+        ))),
+    }
+}
+
+/// A container's output as plain text; `follow` keeps streaming.
+#[utoipa::path(get, path = "/v1/containers/{id}/logs",
+    params(("id" = String, Path, description = "Kisara id, name, or Docker id prefix"), LogsQuery),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
+pub async fn logs(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<LogsQuery>,
+) -> ApiResult<Response> {
+    let c = st.store.get_container(&id)?;
+    let mut stream = st
+        .hub
+        .stream(
+            &c.node_id,
+            Operation::Logs {
+                docker_id: c.docker_id.clone(),
+                tail: q.tail,
+                follow: q.follow.unwrap_or(false),
+            },
+        )
+        .await?;
+    // Wait for the first item so that a missing container is a 404, not an empty 200.
+    let first = stream.next().await;
+    if let Some(Err(e)) = first {
+        return Err(e);
+    }
+    let shutdown = st.shutdown.clone();
+    let body = async_stream(first, stream, shutdown);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from_stream(body))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn async_stream(
+    first: Option<Result<serde_json::Value, ApiError>>,
+    stream: crate::hub::AgentStream,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    fn chunk(v: serde_json::Value) -> bytes::Bytes {
+        serde_json::from_value::<LogChunk>(v)
+            .map(|c| bytes::Bytes::from(c.data))
+            .unwrap_or_default()
+    }
+    let head = futures::stream::iter(first.and_then(|r| r.ok()).map(|v| Ok(chunk(v))));
+    let tail = futures::stream::unfold(
+        (stream, shutdown),
+        |(mut stream, shutdown)| async move {
+            let next = tokio::select! {
+                n = stream.next() => n,
+                _ = shutdown.cancelled() => None,
+            };
+            match next? {
+                Ok(v) => Some((Ok(chunk(v)), (stream, shutdown))),
+                Err(e) => Some((
+                    Err(std::io::Error::other(e.message)),
+                    (stream, shutdown),
+                )),
+            }
+        },
+    );
+    futures::StreamExt::chain(head, tail)
+}

@@ -1,0 +1,131 @@
+//! HTTP routes under `/v1`, the bearer-token check, and extractors that answer bad input with
+//! Kisara's error shape instead of axum's plain-text rejections.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Json;
+use kisara_api::Health;
+use serde::de::DeserializeOwned;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
+use crate::{tokens, AppState};
+
+pub mod containers;
+pub mod images;
+pub mod networks;
+pub mod nodes;
+
+/// JSON body extractor whose rejections are 400s in Kisara's error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => Err(ApiError::bad_request(format!(
+                "invalid JSON body: {}",
+                rej.body_text()
+            ))),
+        }
+    }
+}
+
+/// Query-string extractor whose rejections are 400s in Kisara's error shape.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(rej) => Err(ApiError::bad_request(format!(
+                "invalid query: {}",
+                rej.body_text()
+            ))),
+        }
+    }
+}
+
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        None => ApiError::unauthorized("missing bearer token").into_response(),
+        Some(t) if tokens::matches(state.admin_token(), t) => next.run(req).await,
+        Some(_) => ApiError::unauthorized("invalid token").into_response(),
+    }
+}
+
+/// Liveness probe, the only route without a token.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+/// The API with its OpenAPI description, both built from the same handlers.
+pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenApi) {
+    let (protected, spec) = OpenApiRouter::with_openapi(crate::openapi::base())
+        .routes(routes!(containers::launch, containers::list))
+        .routes(routes!(containers::inspect, containers::remove))
+        .routes(routes!(containers::stop))
+        .routes(routes!(containers::exec))
+        .routes(routes!(containers::logs))
+        .routes(routes!(images::list))
+        .routes(routes!(images::pull))
+        .routes(routes!(images::remove))
+        .routes(routes!(networks::create, networks::list))
+        .routes(routes!(networks::inspect, networks::remove))
+        .routes(routes!(nodes::list))
+        .routes(routes!(nodes::inspect))
+        .split_for_parts();
+    let (public, public_spec) = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .split_for_parts();
+    let mut spec = spec;
+    spec.merge(public_spec);
+    let protected = protected
+        .route("/v1/openapi.json", get(crate::openapi::serve))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state.clone());
+    let app = axum::Router::new()
+        .merge(public.with_state(state.clone()))
+        .route("/v1/agent/connect", get(crate::ws::connect))
+        .with_state(state)
+        .merge(protected);
+    (app, spec)
+}
+
+pub fn router(state: Arc<AppState>) -> axum::Router {
+    let (app, spec) = api_router(state);
+    let spec = Arc::new(spec);
+    app.layer(axum::Extension(spec))
+}

@@ -1,0 +1,299 @@
+//! Network routes, and the pool-backed network creation that launches also use.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use ipnet::Ipv4Net;
+use kisara_api::agent::{NetworkConfig, Operation, Reply};
+use kisara_api::{
+    codes, CreateNetworkRequest, ErrorBody, ListResponse, Network, NetworkFilter, NodeError,
+};
+
+use super::{ApiJson, ApiQuery};
+use crate::error::{ApiError, ApiResult};
+use crate::{new_id, now, placement, AppState};
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Another program on the engine can take a subnet between our look and our create; retry
+/// with the next free one this many times.
+const OVERLAP_RETRIES: usize = 8;
+
+/// Create a network: an explicit subnet, or the next free one from the pool.
+#[utoipa::path(post, path = "/v1/networks", request_body = CreateNetworkRequest,
+    responses((status = 201, body = Network), (status = 400, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn create(
+    State(st): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<CreateNetworkRequest>,
+) -> ApiResult<(StatusCode, Json<Network>)> {
+    validate_name(&req.name)?;
+    for k in req.labels.keys() {
+        if k.starts_with(kisara_api::labels::PREFIX) {
+            return Err(ApiError::bad_request(format!(
+                "label {k:?} uses the reserved prefix {}",
+                kisara_api::labels::PREFIX
+            )));
+        }
+    }
+    let subnet = match &req.subnet {
+        Some(s) => Some(parse_subnet(&st, s)?),
+        None => None,
+    };
+    let node_id = placement::choose_node(&st, req.node.as_deref())?;
+    if st.store.get_network(&req.name).is_ok() {
+        return Err(ApiError::conflict(format!(
+            "a network named {:?} already exists",
+            req.name
+        )));
+    }
+    let net = create_on_node(
+        &st,
+        &node_id,
+        &req.name,
+        subnet,
+        req.internal,
+        req.internet,
+        None,
+        req.labels,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(net)))
+}
+
+fn validate_name(name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "network name {name:?} must start with a letter or digit and contain only letters, \
+             digits, '_', '.' and '-' (at most 64)"
+        )))
+    }
+}
+
+/// An explicit subnet must be a valid private CIDR (unless the config allows public space).
+fn parse_subnet(st: &AppState, s: &str) -> ApiResult<Ipv4Net> {
+    let net: Ipv4Net = s
+        .trim()
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("subnet {s:?} is not an IPv4 CIDR")))?;
+    if net.network() != net.addr() {
+        return Err(ApiError::bad_request(format!(
+            "subnet {s:?} has host bits set (did you mean {}?)",
+            net.trunc()
+        )));
+    }
+    if !(8..=30).contains(&net.prefix_len()) {
+        return Err(ApiError::bad_request(format!(
+            "subnet {s:?}: prefix must be between /8 and /30"
+        )));
+    }
+    if !st.settings.allow_public_subnets && !(net.network().is_private() && net.broadcast().is_private()) {
+        return Err(ApiError::bad_request(format!(
+            "subnet {s:?} is not in private address space (10/8, 172.16/12, 192.168/16); \
+             set allow_public_subnets to use it"
+        )));
+    }
+    Ok(net)
+}
+
+/// Creates a network on a node and records it. With no explicit subnet, the next free one is
+/// allocated from the pool (skipping every subnet the engine already uses) in one store
+/// transaction; on failure the allocation is released and nothing is left on the node.
+#[allow(clippy::too_many_arguments)]
+pub async fn create_on_node(
+    st: &Arc<AppState>,
+    node_id: &str,
+    name: &str,
+    explicit: Option<Ipv4Net>,
+    internal: bool,
+    internet: bool,
+    owned_by: Option<String>,
+    mut labels: BTreeMap<String, String>,
+) -> ApiResult<Network> {
+    let id = new_id();
+    labels.insert(
+        kisara_api::labels::CLUSTER.to_string(),
+        st.cluster_id.clone(),
+    );
+    labels.insert(kisara_api::labels::NETWORK.to_string(), id.clone());
+    labels.insert(kisara_api::labels::NODE.to_string(), node_id.to_string());
+    let mut engine_used: Vec<Ipv4Net> = match st
+        .hub
+        .call(node_id, Operation::UsedSubnets, CALL_TIMEOUT)
+        .await?
+    {
+        Reply::Subnets(s) => s.iter().filter_map(|s| s.parse().ok()).collect(),
+        _ => Vec::new(),
+    };
+    let mut attempt = 0;
+    let (subnet, docker_id) = loop {
+        attempt += 1;
+        let subnet = match explicit {
+            Some(net) => {
+                if engine_used
+                    .iter()
+                    .any(|u| kisara_core::pool::overlaps(u, &net))
+                {
+                    return Err(ApiError::conflict(format!(
+                        "subnet {net} overlaps a network already on node {node_id}"
+                    )));
+                }
+                st.store.reserve_subnet(&net, &id)?;
+                net
+            }
+            None => st
+                .store
+                .allocate_subnet(&st.settings.subnet_pool, &engine_used, &id)?,
+        };
+        let config = NetworkConfig {
+            name: name.to_string(),
+            subnet: subnet.to_string(),
+            gateway: None,
+            internal,
+            internet,
+            labels: labels.clone(),
+        };
+        match st
+            .hub
+            .call(node_id, Operation::CreateNetwork { config }, CALL_TIMEOUT)
+            .await
+        {
+            Ok(Reply::NetworkCreated { docker_id }) => break (subnet, docker_id),
+            Ok(other) => {
+                let _ = st.store.release_subnet(&subnet);
+                return Err(ApiError::internal(format!(
+                    "unexpected reply to network create: {other:?}"
+                )));
+            }
+            Err(e) => {
+                let _ = st.store.release_subnet(&subnet);
+                if e.code == "subnet_overlap" && explicit.is_none() && attempt < OVERLAP_RETRIES {
+                    engine_used.push(subnet);
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+    };
+    let net = Network {
+        id: id.clone(),
+        name: name.to_string(),
+        docker_id,
+        node_id: node_id.to_string(),
+        subnet: subnet.to_string(),
+        gateway: subnet.hosts().next().map(|g| g.to_string()),
+        internal,
+        internet,
+        owned_by,
+        from_pool: explicit.is_none(),
+        labels,
+        created_at: now(),
+    };
+    if let Err(e) = st.store.insert_network(&net) {
+        destroy(st, &net).await;
+        return Err(e.into());
+    }
+    Ok(net)
+}
+
+/// Removes a network from its node, returns its subnet, forgets it. Best effort: used on
+/// cleanup paths where the first error has already been reported.
+pub async fn destroy(st: &Arc<AppState>, net: &Network) {
+    let r = st
+        .hub
+        .call(
+            &net.node_id,
+            Operation::RemoveNetwork {
+                docker_id: net.docker_id.clone(),
+            },
+            CALL_TIMEOUT,
+        )
+        .await;
+    match r {
+        Ok(_) => {}
+        Err(e) if e.code == codes::NOT_FOUND => {}
+        Err(e) => {
+            tracing::warn!(network = %net.id, error = %e, "could not remove network");
+            return;
+        }
+    }
+    if let Ok(subnet) = net.subnet.parse::<Ipv4Net>() {
+        let _ = st.store.release_subnet(&subnet);
+    }
+    let _ = st.store.delete_network(&net.id);
+}
+
+/// Networks Kisara manages.
+#[utoipa::path(get, path = "/v1/networks", params(NetworkFilter),
+    responses((status = 200, body = ListResponse<Network>)))]
+pub async fn list(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<NetworkFilter>,
+) -> ApiResult<Json<ListResponse<Network>>> {
+    let node = match &q.node {
+        Some(n) => Some(placement::resolve_node(&st, n)?),
+        None => None,
+    };
+    let items = st.store.list_networks(node.as_deref())?;
+    let node_errors: Vec<NodeError> = Vec::new();
+    Ok(Json(ListResponse { items, node_errors }))
+}
+
+/// One network.
+#[utoipa::path(get, path = "/v1/networks/{id}",
+    params(("id" = String, Path, description = "Kisara id or name")),
+    responses((status = 200, body = Network), (status = 404, body = ErrorBody)))]
+pub async fn inspect(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Network>> {
+    Ok(Json(st.store.get_network(&id)?))
+}
+
+/// Remove a network (refused while containers use it).
+#[utoipa::path(delete, path = "/v1/networks/{id}",
+    params(("id" = String, Path, description = "Kisara id or name")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn remove(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let net = st.store.get_network(&id)?;
+    let r = st
+        .hub
+        .call(
+            &net.node_id,
+            Operation::RemoveNetwork {
+                docker_id: net.docker_id.clone(),
+            },
+            CALL_TIMEOUT,
+        )
+        .await;
+    match r {
+        Ok(_) => {}
+        Err(e) if e.code == codes::NOT_FOUND => {}
+        Err(e) if e.code == codes::CONFLICT => {
+            return Err(ApiError::conflict(format!(
+                "network {} is in use by containers",
+                net.name
+            )))
+        }
+        Err(e) => return Err(e),
+    }
+    if let Ok(subnet) = net.subnet.parse::<Ipv4Net>() {
+        st.store.release_subnet(&subnet)?;
+    }
+    st.store.delete_network(&net.id)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,220 @@
+//! A whole Kisara in the test process: the server on 127.0.0.1:0 and one agent on the real
+//! Docker Engine, with a data directory of its own. Tests drive it through the SDK, like any
+//! platform would, and check Docker directly for leftovers.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kisara_agent::{Agent, AgentOptions};
+use kisara_api::agent::{InventoryContainer, InventoryNetwork};
+use kisara_api::NodeState;
+use kisara_client::Client;
+use kisara_core::config::Config;
+use kisara_runtime::docker::DockerRuntime;
+use kisara_runtime::Runtime;
+use kisara_server::Server;
+use tokio_util::sync::CancellationToken;
+
+/// The image every test uses (built by scripts/test-images.sh).
+pub const IMAGE: &str = "kisara-test/busybox:latest";
+
+pub struct TestCluster {
+    pub url: String,
+    pub token: String,
+    pub client: Client,
+    pub cluster_id: String,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    config_toml: String,
+    shutdown: CancellationToken,
+    server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    agent_task: tokio::task::JoinHandle<Result<(), kisara_agent::AgentError>>,
+    pub runtime: Arc<DockerRuntime>,
+}
+
+impl TestCluster {
+    pub async fn start() -> TestCluster {
+        Self::start_with("").await
+    }
+
+    /// Starts with a TOML configuration (e.g. a tiny subnet pool).
+    pub async fn start_with(config_toml: &str) -> TestCluster {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        Self::boot(config_toml.to_string(), dir, Some(tmp)).await
+    }
+
+    async fn boot(config_toml: String, dir: PathBuf, tmp: Option<tempfile::TempDir>) -> Self {
+        let config = Config::from_toml_str(&config_toml).expect("test config");
+        let settings = config.server_settings().expect("server settings");
+        let server = Server::open(settings, dir.clone()).expect("server opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        let server_task = tokio::spawn(
+            server
+                .clone()
+                .run(listener, async move { s.cancelled().await }),
+        );
+        let runtime = Arc::new(
+            DockerRuntime::connect()
+                .await
+                .expect("a Docker Engine must be reachable for these tests"),
+        );
+        let url = format!("http://{addr}");
+        let agent = Agent::new(
+            runtime.clone(),
+            AgentOptions {
+                server_url: url.clone(),
+                name: "local".into(),
+                join_token: Some(server.state().join_token().clone()),
+                state_dir: dir.join("agent"),
+                public_address: "127.0.0.1".into(),
+                labels: BTreeMap::new(),
+                max_containers: 0,
+            },
+        );
+        let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+        let token = server.state().admin_token().expose().to_string();
+        let client = Client::new(&url, Some(token.clone())).expect("client");
+        let cluster = TestCluster {
+            url,
+            token,
+            client,
+            cluster_id: server.state().cluster_id.clone(),
+            data_dir: dir,
+            _tmp: tmp,
+            config_toml,
+            shutdown,
+            server_task,
+            agent_task,
+            runtime,
+        };
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    /// Polls until the local node is ready (bounded).
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(nodes) = self.client.list_nodes().await {
+                if nodes.items.iter().any(|n| n.state == NodeState::Ready) {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "node never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops server and agent (containers keep running) and starts them again on the same
+    /// data directory.
+    pub async fn restart(mut self) -> TestCluster {
+        self.shutdown.cancel();
+        let _ = (&mut self.server_task).await;
+        let _ = (&mut self.agent_task).await;
+        let tmp = self._tmp.take();
+        let dir = self.data_dir.clone();
+        let toml = self.config_toml.clone();
+        Self::boot(toml, dir, tmp).await
+    }
+
+    /// Everything on the engine that carries this cluster's label.
+    pub async fn leftovers(&self) -> (Vec<InventoryContainer>, Vec<InventoryNetwork>) {
+        let filter = vec![(
+            kisara_api::labels::CLUSTER.to_string(),
+            self.cluster_id.clone(),
+        )];
+        (
+            self.runtime.list_containers(&filter).await.expect("list"),
+            self.runtime.list_networks(&filter).await.expect("list"),
+        )
+    }
+
+    pub async fn assert_clean(&self) {
+        let (c, n) = self.leftovers().await;
+        assert!(c.is_empty(), "containers left behind: {c:?}");
+        assert!(n.is_empty(), "networks left behind: {n:?}");
+    }
+
+    /// Removes whatever the test left (so a failing test does not leak into the engine).
+    pub async fn cleanup(&self) {
+        let (cs, ns) = self.leftovers().await;
+        for c in cs {
+            let _ = self.runtime.remove(&c.docker_id, true).await;
+        }
+        for n in ns {
+            let _ = self.runtime.remove_network(&n.docker_id).await;
+        }
+    }
+
+    pub async fn stop(self) {
+        self.cleanup().await;
+        self.shutdown.cancel();
+        let _ = self.server_task.await;
+        let _ = self.agent_task.await;
+    }
+}
+
+/// Sends an HTTP/1.0 GET over a plain TCP connection and returns the answer, polling until the
+/// port serves (bounded), like a player's `nc` would.
+pub async fn http_get(host: &str, port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(Ok(mut s)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect((host, port)),
+        )
+        .await
+        {
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
+            last = String::from_utf8_lossy(&buf).to_string();
+            if !last.is_empty() {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+/// `docker inspect` of a container, as JSON.
+pub fn docker_inspect(id: &str) -> serde_json::Value {
+    let out = std::process::Command::new("docker")
+        .args(["inspect", id])
+        .output()
+        .expect("docker CLI");
+    assert!(out.status.success(), "docker inspect {id} failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+    v[0].clone()
+}
+
+/// An HTTP server on port 80 of the test image.
+pub fn httpd_request() -> kisara_api::LaunchRequest {
+    kisara_api::LaunchRequest {
+        image: IMAGE.into(),
+        cmd: Some(vec![
+            "httpd".into(),
+            "-f".into(),
+            "-p".into(),
+            "80".into(),
+            "-h".into(),
+            "/www".into(),
+        ]),
+        ports: vec!["80/tcp".into()],
+        owner: Some("team1".into()),
+        module: Some("web1".into()),
+        ..Default::default()
+    }
+}

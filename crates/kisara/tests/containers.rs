@@ -1,0 +1,262 @@
+//! End to end against the real Docker Engine: launch → the port answers → exec → logs → stop →
+//! nothing of Kisara left in Docker.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use kisara_api::{ContainerFilter, ContainerState, ExecRequest, LaunchRequest, Protocol};
+use kisara_runtime::Runtime;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_serve_exec_logs_stop_leaves_nothing() {
+    let k = TestCluster::start().await;
+    let c = k.client.launch(&httpd_request()).await.expect("launch");
+    assert_eq!(c.state, ContainerState::Running);
+    assert_eq!(c.owner.as_deref(), Some("team1"));
+    assert_eq!(c.ports.len(), 1);
+    let p = &c.ports[0];
+    assert_eq!((p.container_port, p.protocol), (80, Protocol::Tcp));
+    assert_eq!(p.public_host, "127.0.0.1");
+    assert_ne!(p.public_port, 0);
+    assert_eq!(c.host_port, format!("127.0.0.1:{}", p.public_port));
+    assert!(c.network.as_deref().unwrap_or("").starts_with("kisara-"));
+
+    // A player reaches it.
+    let answer = http_get(&p.public_host, p.public_port).await;
+    assert!(answer.contains("kisara-test"), "unexpected answer: {answer:?}");
+
+    // Exec gives output and exit code back.
+    let r = k
+        .client
+        .exec(
+            &c.id,
+            &ExecRequest {
+                cmd: vec!["sh".into(), "-c".into(), "echo out; echo err >&2; exit 3".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec");
+    assert_eq!(r.stdout, "out\n");
+    assert_eq!(r.stderr, "err\n");
+    assert_eq!(r.exit_code, Some(3));
+    assert!(!r.timed_out);
+
+    // Exec timeout is honoured.
+    let r = k
+        .client
+        .exec(
+            &c.id,
+            &ExecRequest {
+                cmd: vec!["sleep".into(), "30".into()],
+                timeout_secs: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("exec with timeout");
+    assert!(r.timed_out);
+    assert_eq!(r.exit_code, None);
+
+    // Inspect by id, by name and by docker id prefix.
+    assert_eq!(k.client.container(&c.id).await.unwrap().id, c.id);
+    assert_eq!(k.client.container(&c.name).await.unwrap().id, c.id);
+    assert_eq!(k.client.container(&c.docker_id[..12]).await.unwrap().id, c.id);
+
+    // Filters.
+    let mine = k
+        .client
+        .list_containers(&ContainerFilter {
+            owner: Some("team1".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(mine.items.len(), 1);
+    let none = k
+        .client
+        .list_containers(&ContainerFilter {
+            module: Some("other".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.items.is_empty());
+
+    // Stop = stop and remove, with its network; nothing of Kisara is left.
+    k.client.stop(&c.id).await.expect("stop");
+    let e = k.client.container(&c.id).await.unwrap_err();
+    assert_eq!(e.status(), Some(404));
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardening_defaults_are_visible_in_docker_inspect() {
+    let k = TestCluster::start().await;
+    let c = k
+        .client
+        .launch(&LaunchRequest {
+            image: IMAGE.into(),
+            cmd: Some(vec!["sleep".into(), "300".into()]),
+            memory_mb: Some(64),
+            cpus: Some(0.5),
+            pids_limit: Some(50),
+            ..Default::default()
+        })
+        .await
+        .expect("launch");
+    let i = docker_inspect(&c.docker_id);
+    let hc = &i["HostConfig"];
+    assert_eq!(hc["CapDrop"], serde_json::json!(["ALL"]), "{hc}");
+    assert!(hc["SecurityOpt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|o| o.as_str().unwrap().starts_with("no-new-privileges")));
+    assert_eq!(hc["Memory"], 64 * 1024 * 1024);
+    assert_eq!(hc["MemorySwap"], hc["Memory"]);
+    assert_eq!(hc["NanoCpus"], 500_000_000i64);
+    assert_eq!(hc["PidsLimit"], 50);
+    assert_eq!(hc["Init"], true);
+    assert_eq!(hc["Privileged"], false);
+    let labels = &i["Config"]["Labels"];
+    assert_eq!(labels["io.kisara.cluster"], k.cluster_id.as_str());
+    assert_eq!(labels["io.kisara.container"], c.id.as_str());
+    // Defaults apply when the request names no limits.
+    let d = k
+        .client
+        .launch(&LaunchRequest {
+            image: IMAGE.into(),
+            cmd: Some(vec!["sleep".into(), "300".into()]),
+            ..Default::default()
+        })
+        .await
+        .expect("launch");
+    let hc = docker_inspect(&d.docker_id)["HostConfig"].clone();
+    assert!(hc["Memory"].as_i64().unwrap() > 0);
+    assert_eq!(hc["MemorySwap"], hc["Memory"]);
+    assert!(hc["NanoCpus"].as_i64().unwrap() > 0);
+    assert!(hc["PidsLimit"].as_i64().unwrap() > 0);
+    for id in [&c.id, &d.id] {
+        k.client.remove(id, true).await.expect("remove");
+    }
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_tail_and_follow() {
+    let k = TestCluster::start().await;
+    let c = k
+        .client
+        .launch(&LaunchRequest {
+            image: IMAGE.into(),
+            cmd: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "echo one; echo two; sleep 1; echo three; sleep 300".into(),
+            ]),
+            ..Default::default()
+        })
+        .await
+        .expect("launch");
+    // Follow until "three" arrives (bounded).
+    let mut s = k.client.logs(&c.id, None, true).await.expect("logs");
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.contains("three") {
+        match tokio::time::timeout_at(deadline, s.next()).await {
+            Ok(Some(Ok(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
+            other => panic!("log stream ended early ({seen:?}): {:?}", other.is_ok()),
+        }
+    }
+    assert!(seen.starts_with("one\ntwo\n"), "{seen:?}");
+    drop(s);
+    // Tail returns just the end.
+    let mut s = k.client.logs(&c.id, Some(1), false).await.expect("logs");
+    let mut tail = String::new();
+    while let Some(Ok(b)) = s.next().await {
+        tail.push_str(&String::from_utf8_lossy(&b));
+    }
+    assert_eq!(tail, "three\n");
+    k.client.stop(&c.id).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kisara_compatible_fields_and_named_network() {
+    let k = TestCluster::start().await;
+    let net = k
+        .client
+        .create_network(&kisara_api::CreateNetworkRequest {
+            name: format!("teams-{}", &k.cluster_id[..6]),
+            ..Default::default()
+        })
+        .await
+        .expect("network");
+    // Kisara's own request shape: uid as a number, port_protocol, subnet_name, module.
+    let req: LaunchRequest = serde_json::from_value(serde_json::json!({
+        "image": IMAGE,
+        "uid": 7,
+        "port_protocol": "80/tcp,8080/tcp",
+        "subnet_name": net.name,
+        "module": "pwn",
+        "cmd": ["httpd", "-f", "-p", "80", "-h", "/www"],
+    }))
+    .unwrap();
+    let c = k.client.launch(&req).await.expect("launch");
+    assert_eq!(c.owner.as_deref(), Some("7"));
+    assert_eq!(c.network.as_deref(), Some(net.name.as_str()));
+    assert_eq!(c.ports.len(), 2);
+    assert_eq!(c.host_port.split(',').count(), 2);
+    let ip: std::net::Ipv4Addr = c.ip_address.as_deref().unwrap().parse().unwrap();
+    let subnet: ipnet::Ipv4Net = net.subnet.parse().unwrap();
+    assert!(subnet.contains(&ip), "{ip} not in {subnet}");
+    // A network in use is not removed.
+    let e = k.client.remove_network(&net.id).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    k.client.stop(&c.id).await.unwrap();
+    // Stopping does not take a network the container did not own.
+    assert!(k.client.network(&net.id).await.is_ok());
+    k.client.remove_network(&net.id).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_keeps_containers_and_reconciles() {
+    let k = TestCluster::start().await;
+    let a = k.client.launch(&httpd_request()).await.expect("launch a");
+    let b = k.client.launch(&httpd_request()).await.expect("launch b");
+    // Restart: containers keep running and are known again.
+    let k = k.restart().await;
+    let a2 = k.client.container(&a.id).await.expect("a survives restart");
+    assert_eq!(a2.state, ContainerState::Running);
+    assert_eq!(a2.ports, a.ports);
+    assert!(http_get("127.0.0.1", a.ports[0].public_port)
+        .await
+        .contains("kisara-test"));
+    // Remove b behind Kisara's back; after a restart it is reported gone, not lost silently.
+    k.runtime.remove(&b.docker_id, true).await.unwrap();
+    let k = k.restart().await;
+    let list = k
+        .client
+        .list_containers(&ContainerFilter {
+            all: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let b2 = list.items.iter().find(|c| c.id == b.id).expect("b listed");
+    assert_eq!(b2.state, ContainerState::Gone);
+    // Gone containers can be cleared away.
+    k.client.remove(&b.id, true).await.expect("remove gone");
+    k.client.stop(&a.id).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The one command that runs every test of Kisara, installing what the tests need first:
+#   - cargo-nextest (when missing),
+#   - Debian's busybox-static and the local test image kisara-test/busybox:latest,
+#   - a reachable Docker Engine (the tests need one; they fail, never skip, without it).
+# Then: formatting, clippy, and the whole test suite.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh -- ARGS    extra arguments for `cargo nextest run` (e.g. a filter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "test.sh: $*" >&2; }
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+if ! docker info >/dev/null 2>&1; then
+    log "the Docker Engine is not reachable (DOCKER_HOST=${DOCKER_HOST:-unset}); trying to start it"
+    if command -v systemctl >/dev/null 2>&1 && systemctl start docker 2>/dev/null; then :;
+    elif command -v service >/dev/null 2>&1 && service docker start 2>/dev/null; then :;
+    fi
+    for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || { log "no Docker Engine: the integration tests cannot run"; exit 1; }
+fi
+
+scripts/test-images.sh
+
+extra=()
+if [[ "${1:-}" == "--" ]]; then shift; extra=("$@"); fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "doc tests"
+cargo test --workspace --doc --locked
+log "cargo nextest run"
+cargo nextest run --workspace --locked --no-fail-fast "${extra[@]}"
