@@ -1,8 +1,5 @@
 //! Kisara's embedded store: SQLite in the data directory.
 //!
-//! (Written by the lead while kisara-core was in progress: extend it rather than replace it —
-//! the server is built against exactly these methods.)
-//!
 //! The server owns desired state here; Docker holds actual state. Allocations (subnets) are
 //! single transactions, so nothing is ever handed out twice, even with concurrent launches.
 //! Calls are short and synchronous behind one connection; nothing outside this crate knows the
@@ -61,9 +58,12 @@ impl std::fmt::Debug for Store {
     }
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// Schema migrations, tracked in SQLite's `user_version`: entry `i` takes a database from
+/// version `i` to `i + 1`. Append only; never edit a step that has shipped, since files written
+/// by it exist.
+const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
 
-const SCHEMA: &str = r#"
+const MIGRATION_1: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY,
@@ -116,6 +116,80 @@ CREATE TABLE IF NOT EXISTS subnets (
 );
 "#;
 
+/// The Kisara network a container is attached to, when the container was (or the Docker
+/// network it names) found gone, and when a subnet was handed out.
+const MIGRATION_2: &str = r#"
+ALTER TABLE containers ADD COLUMN network_id TEXT;
+ALTER TABLE containers ADD COLUMN removed_at INTEGER;
+ALTER TABLE subnets ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS containers_name ON containers(name);
+CREATE INDEX IF NOT EXISTS networks_node ON networks(node_id);
+CREATE INDEX IF NOT EXISTS networks_owned_by ON networks(owned_by);
+"#;
+
+/// `holder` of subnets that an engine reported in use outside Kisara (see
+/// [`Store::mark_subnet_external`]).
+pub const EXTERNAL_HOLDER: &str = "external";
+
+/// One row of the subnet allocation table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetAllocation {
+    pub subnet: Ipv4Net,
+    /// Who holds it: a network or container id, or [`EXTERNAL_HOLDER`].
+    pub holder: String,
+    /// Unix seconds; 0 for rows written before this was recorded.
+    pub created_at: i64,
+}
+
+/// Turns "not found" into `None`, for callers to whom absence is not an error.
+pub trait OptionalExt<T> {
+    fn optional(self) -> Result<Option<T>>;
+}
+
+impl<T> OptionalExt<T> for Result<T> {
+    fn optional(self) -> Result<Option<T>> {
+        match self {
+            Ok(v) => Ok(Some(v)),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+/// Unix seconds, for bookkeeping columns whose time the caller does not pass.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Brings the schema to the newest version, all pending steps in one transaction so that a
+/// failed upgrade leaves the old schema as it was.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let target = MIGRATIONS.len() as i64;
+    if current > target {
+        return Err(StoreError::Corrupt(format!(
+            "the database has schema {current}, newer than this Kisara ({target})"
+        )));
+    }
+    if current == target {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    for step in &MIGRATIONS[current.max(0) as usize..] {
+        tx.execute_batch(step)?;
+    }
+    tx.pragma_update(None, "user_version", target)?;
+    tx.commit()?;
+    Ok(())
+}
+
 fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
@@ -153,17 +227,12 @@ impl Store {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> Result<Store> {
+    fn init(mut conn: Connection) -> Result<Store> {
+        // Another process holding the write lock (a backup, a second server by mistake) makes
+        // us wait briefly instead of failing at once.
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::Corrupt(format!(
-                "the database has schema {version}, newer than this Kisara ({SCHEMA_VERSION})"
-            )));
-        }
-        conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        migrate(&mut conn)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -206,7 +275,9 @@ impl Store {
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
-                Err(StoreError::Conflict(format!("a node named {name:?} exists")))
+                Err(StoreError::Conflict(format!(
+                    "a node named {name:?} exists"
+                )))
             }
             Err(e) => Err(e.into()),
         }
@@ -284,7 +355,10 @@ impl Store {
 
     pub fn node_by_id(&self, id: &str) -> Result<Option<NodeRecord>> {
         let sql = format!("SELECT {} FROM nodes WHERE id = ?1", Self::NODE_COLS);
-        Ok(self.conn().query_row(&sql, [id], Self::node_row).optional()?)
+        Ok(self
+            .conn()
+            .query_row(&sql, [id], Self::node_row)
+            .optional()?)
     }
 
     pub fn node_by_name(&self, name: &str) -> Result<Option<NodeRecord>> {
@@ -305,8 +379,9 @@ impl Store {
 
     // ---- containers ----
 
+    /// `Conflict` if a container with this id exists.
     pub fn insert_container(&self, c: &Container) -> Result<()> {
-        self.conn().execute(
+        let r = self.conn().execute(
             "INSERT INTO containers(id, docker_id, node_id, name, image, owner, module, labels,
                  network, ip_address, state, status, ports, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
@@ -326,8 +401,15 @@ impl Store {
                 json(&c.ports),
                 c.created_at
             ],
-        )?;
-        Ok(())
+        );
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if is_constraint(&e) => Err(StoreError::Conflict(format!(
+                "a container with id {} exists",
+                c.id
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn container_row(r: &Row<'_>) -> rusqlite::Result<Container> {
@@ -367,8 +449,28 @@ impl Store {
         if let Some(c) = by("id")? {
             return Ok(c);
         }
-        if let Some(c) = by("name")? {
-            return Ok(c);
+        // Names are unique per engine, not across the cluster, and a container found gone
+        // keeps its name; a name that still picks more than one is ambiguous, not a guess.
+        let sql = format!(
+            "SELECT {} FROM containers WHERE name = ?1 ORDER BY state = 'gone', created_at",
+            Self::CONTAINER_COLS
+        );
+        let mut named = {
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map([key], Self::container_row)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        if named.len() > 1 {
+            named.retain(|c| c.state != ContainerState::Gone);
+        }
+        match named.len() {
+            0 => {}
+            1 => return Ok(named.remove(0)),
+            _ => {
+                return Err(StoreError::Conflict(format!(
+                    "{key:?} names more than one container; use its id"
+                )))
+            }
         }
         let is_hex = key.len() >= 6 && key.chars().all(|c| c.is_ascii_hexdigit());
         if is_hex {
@@ -422,11 +524,51 @@ impl Store {
         state: ContainerState,
         status: &str,
     ) -> Result<()> {
+        // removed_at records when the container was first found gone, and is cleared if it
+        // turns up again (an engine that was briefly unreachable).
         self.conn().execute(
-            "UPDATE containers SET state = ?2, status = ?3 WHERE id = ?1",
-            params![id, state_str(state), status],
+            "UPDATE containers SET state = ?2, status = ?3,
+                 removed_at = CASE WHEN ?2 = 'gone' THEN coalesce(removed_at, ?4) END
+             WHERE id = ?1",
+            params![id, state_str(state), status, unix_now()],
         )?;
         Ok(())
+    }
+
+    /// When the container was found gone (unix seconds), if it was.
+    pub fn container_removed_at(&self, id: &str) -> Result<Option<i64>> {
+        self.conn()
+            .query_row(
+                "SELECT removed_at FROM containers WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no such container: {id}")))
+    }
+
+    /// Records the Kisara network (id) the container is attached to.
+    pub fn set_container_network_id(&self, id: &str, network_id: Option<&str>) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE containers SET network_id = ?2 WHERE id = ?1",
+            params![id, network_id],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("no such container: {id}")));
+        }
+        Ok(())
+    }
+
+    /// The Kisara network (id) the container is attached to, if recorded.
+    pub fn container_network_id(&self, id: &str) -> Result<Option<String>> {
+        self.conn()
+            .query_row(
+                "SELECT network_id FROM containers WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no such container: {id}")))
     }
 
     pub fn delete_container(&self, id: &str) -> Result<()> {
@@ -514,23 +656,54 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+    /// Networks made for one container or instance (`owned_by`), which go with it.
+    pub fn networks_owned_by(&self, owner: &str) -> Result<Vec<Network>> {
+        let sql = format!(
+            "SELECT {} FROM networks WHERE owned_by = ?1 ORDER BY created_at, id",
+            Self::NETWORK_COLS
+        );
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map([owner], Self::network_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     pub fn delete_network(&self, id: &str) -> Result<()> {
-        self.conn().execute("DELETE FROM networks WHERE id = ?1", [id])?;
+        self.conn()
+            .execute("DELETE FROM networks WHERE id = ?1", [id])?;
         Ok(())
     }
 
     // ---- subnets ----
 
     fn allocated(tx: &rusqlite::Transaction<'_>) -> Result<Vec<Ipv4Net>> {
-        let mut stmt = tx.prepare("SELECT subnet FROM subnets")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(Self::allocations(tx)?
+            .into_iter()
+            .map(|a| a.subnet)
+            .collect())
+    }
+
+    fn allocations(conn: &Connection) -> Result<Vec<SubnetAllocation>> {
+        let mut stmt =
+            conn.prepare("SELECT subnet, holder, created_at FROM subnets ORDER BY subnet")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
         let mut out = Vec::new();
-        for s in rows {
-            let s = s?;
-            out.push(
-                s.parse()
-                    .map_err(|_| StoreError::Corrupt(format!("subnet {s:?}")))?,
-            );
+        for row in rows {
+            let (subnet, holder, created_at) = row?;
+            let subnet = subnet
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("subnet {subnet:?}")))?;
+            out.push(SubnetAllocation {
+                subnet,
+                holder,
+                created_at,
+            });
         }
         Ok(out)
     }
@@ -555,38 +728,75 @@ impl Store {
             ))
         })?;
         tx.execute(
-            "INSERT INTO subnets(subnet, holder) VALUES (?1, ?2)",
-            params![net.to_string(), holder],
+            "INSERT INTO subnets(subnet, holder, created_at) VALUES (?1, ?2, ?3)",
+            params![net.to_string(), holder, unix_now()],
         )?;
         tx.commit()?;
         Ok(net)
     }
 
-    /// Reserves an explicit subnet; `Conflict` if it overlaps one already allocated.
+    /// Reserves an explicit subnet; `Conflict` if it overlaps one already allocated or one an
+    /// engine reported in use. Host bits are ignored (`10.1.2.3/24` is `10.1.2.0/24`).
     pub fn reserve_subnet(&self, net: &Ipv4Net, holder: &str) -> Result<()> {
+        let net = net.trunc();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let taken = Self::allocated(&tx)?;
-        if let Some(t) = taken
-            .iter()
-            .find(|t| kisara_core::pool::overlaps(t, net))
+        if let Some(t) = Self::allocations(&tx)?
+            .into_iter()
+            .find(|t| kisara_core::pool::overlaps(&t.subnet, &net))
         {
+            let why = if t.holder == EXTERNAL_HOLDER {
+                "in use on an engine".to_string()
+            } else {
+                format!("held by {}", t.holder)
+            };
             return Err(StoreError::Conflict(format!(
-                "subnet {net} overlaps {t}, already allocated"
+                "subnet {net} overlaps {}, {why}",
+                t.subnet
             )));
         }
         tx.execute(
-            "INSERT INTO subnets(subnet, holder) VALUES (?1, ?2)",
-            params![net.to_string(), holder],
+            "INSERT INTO subnets(subnet, holder, created_at) VALUES (?1, ?2, ?3)",
+            params![net.to_string(), holder, unix_now()],
         )?;
         tx.commit()?;
         Ok(())
     }
 
+    /// Returns a subnet to the pool (or forgets an external one). Releasing a subnet that is
+    /// not allocated is not an error, so cleanup paths can be retried.
     pub fn release_subnet(&self, net: &Ipv4Net) -> Result<()> {
-        self.conn()
-            .execute("DELETE FROM subnets WHERE subnet = ?1", [net.to_string()])?;
+        self.conn().execute(
+            "DELETE FROM subnets WHERE subnet = ?1",
+            [net.trunc().to_string()],
+        )?;
         Ok(())
+    }
+
+    /// Remembers a subnet an engine reported in use (`UsedSubnets`), so later allocations
+    /// skip it even when the caller passes no `extra_taken`. It may overlap allocations (an
+    /// engine reports Kisara's own networks too); a subnet already recorded, under any holder,
+    /// is left alone. Returns whether a row was added.
+    pub fn mark_subnet_external(&self, net: &Ipv4Net) -> Result<bool> {
+        let n = self.conn().execute(
+            "INSERT INTO subnets(subnet, holder, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(subnet) DO NOTHING",
+            params![net.trunc().to_string(), EXTERNAL_HOLDER, unix_now()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Forgets every externally used subnet, before re-marking what the engines report now;
+    /// otherwise a network removed outside Kisara would keep its subnet out of the pool.
+    pub fn clear_external_subnets(&self) -> Result<usize> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM subnets WHERE holder = ?1", [EXTERNAL_HOLDER])?)
+    }
+
+    /// Every row of the allocation table, with holders, ordered by subnet text.
+    pub fn subnet_allocations(&self) -> Result<Vec<SubnetAllocation>> {
+        Self::allocations(&self.conn())
     }
 
     pub fn allocated_subnets(&self) -> Result<Vec<Ipv4Net>> {
@@ -690,7 +900,10 @@ mod tests {
         ));
         st.update_container_state("c2", ContainerState::Gone, "x")
             .unwrap();
-        assert_eq!(st.list_containers(None, None, None, false).unwrap().len(), 1);
+        assert_eq!(
+            st.list_containers(None, None, None, false).unwrap().len(),
+            1
+        );
         assert_eq!(st.list_containers(None, None, None, true).unwrap().len(), 2);
         assert_eq!(
             st.list_containers(Some("t1"), None, Some("n"), true)
@@ -700,37 +913,399 @@ mod tests {
         );
     }
 
+    fn container(id: &str, docker: &str, name: &str, node: &str) -> Container {
+        Container {
+            id: id.into(),
+            docker_id: docker.into(),
+            name: name.into(),
+            node_id: node.into(),
+            image: "busybox".into(),
+            owner: None,
+            module: None,
+            labels: Default::default(),
+            network: None,
+            ip_address: None,
+            state: ContainerState::Running,
+            status: String::new(),
+            ports: vec![],
+            host_port: String::new(),
+            created_at: 0,
+        }
+    }
+
+    fn network(id: &str, name: &str, node: &str, owned_by: Option<&str>) -> Network {
+        Network {
+            id: id.into(),
+            name: name.into(),
+            docker_id: format!("d-{id}"),
+            node_id: node.into(),
+            subnet: "10.9.0.0/24".into(),
+            gateway: Some("10.9.0.1".into()),
+            internal: false,
+            internet: true,
+            owned_by: owned_by.map(str::to_string),
+            from_pool: true,
+            labels: BTreeMap::from([("k".to_string(), "v".to_string())]),
+            created_at: 7,
+        }
+    }
+
+    fn n(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn containers_round_trip_with_ports() {
+        let st = Store::open_in_memory().unwrap();
+        let mut c = container("c1", "abcdef0123", "web", "n1");
+        c.owner = Some("team-1".into());
+        c.module = Some("pwn".into());
+        c.network = Some("kisara-net-c1".into());
+        c.ip_address = Some("10.9.0.2".into());
+        c.ports = vec![PortBinding {
+            container_port: 80,
+            protocol: kisara_api::Protocol::Tcp,
+            public_host: "198.51.100.1".into(),
+            public_port: 30001,
+        }];
+        c.labels.insert("io.kisara.owner".into(), "team-1".into());
+        st.insert_container(&c).unwrap();
+        let got = st.get_container("c1").unwrap();
+        assert_eq!(got.host_port, "198.51.100.1:30001");
+        c.host_port = got.host_port.clone();
+        assert_eq!(got, c);
+        assert!(matches!(
+            st.insert_container(&c),
+            Err(StoreError::Conflict(_))
+        ));
+        st.delete_container("c1").unwrap();
+        assert!(matches!(
+            st.get_container("c1"),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn ambiguous_names_are_conflicts() {
+        let st = Store::open_in_memory().unwrap();
+        st.insert_container(&container("c1", "aaaaaa1", "web", "n1"))
+            .unwrap();
+        st.insert_container(&container("c2", "bbbbbb1", "web", "n2"))
+            .unwrap();
+        let err = st.get_container("web").unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Conflict(m) if m.contains("web")),
+            "{err}"
+        );
+        // A container found gone no longer competes for its name.
+        st.update_container_state("c1", ContainerState::Gone, "")
+            .unwrap();
+        assert_eq!(st.get_container("web").unwrap().id, "c2");
+        // Short or non-hex keys never match by Docker id prefix.
+        assert!(matches!(
+            st.get_container("aaaaa"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            st.get_container("aaaa%_"),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn gone_containers_remember_when() {
+        let st = Store::open_in_memory().unwrap();
+        st.insert_container(&container("c1", "aaaaaa1", "web", "n1"))
+            .unwrap();
+        assert_eq!(st.container_removed_at("c1").unwrap(), None);
+        st.update_container_state("c1", ContainerState::Gone, "")
+            .unwrap();
+        let at = st.container_removed_at("c1").unwrap();
+        assert!(at.is_some_and(|t| t > 0));
+        st.update_container_state("c1", ContainerState::Gone, "again")
+            .unwrap();
+        assert_eq!(
+            st.container_removed_at("c1").unwrap(),
+            at,
+            "first time kept"
+        );
+        st.update_container_state("c1", ContainerState::Running, "Up")
+            .unwrap();
+        assert_eq!(st.container_removed_at("c1").unwrap(), None);
+        assert!(matches!(
+            st.container_removed_at("zz"),
+            Err(StoreError::NotFound(_))
+        ));
+
+        assert_eq!(st.container_network_id("c1").unwrap(), None);
+        st.set_container_network_id("c1", Some("net1")).unwrap();
+        assert_eq!(
+            st.container_network_id("c1").unwrap().as_deref(),
+            Some("net1")
+        );
+        assert!(st.set_container_network_id("zz", None).is_err());
+    }
+
+    #[test]
+    fn networks() {
+        let st = Store::open_in_memory().unwrap();
+        let a = network("net1", "kisara-net-c1", "n1", Some("c1"));
+        let b = network("net2", "teams", "n2", None);
+        st.insert_network(&a).unwrap();
+        st.insert_network(&b).unwrap();
+        assert_eq!(st.get_network("net1").unwrap(), a);
+        assert_eq!(st.get_network("teams").unwrap(), b);
+        assert!(matches!(
+            st.get_network("nope"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            st.insert_network(&network("net3", "teams", "n1", None)),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(st.list_networks(None).unwrap().len(), 2);
+        assert_eq!(st.list_networks(Some("n2")).unwrap(), vec![b]);
+        assert_eq!(st.networks_owned_by("c1").unwrap(), vec![a]);
+        st.delete_network("net1").unwrap();
+        assert!(st.networks_owned_by("c1").unwrap().is_empty());
+    }
+
+    #[test]
+    fn nodes() {
+        let st = Store::open_in_memory().unwrap();
+        st.create_node("n1", "node-1", "cred-1", 100).unwrap();
+        assert!(matches!(
+            st.create_node("n2", "node-1", "cred-2", 100),
+            Err(StoreError::Conflict(_))
+        ));
+        let hello = Hello {
+            protocol_version: kisara_api::agent::PROTOCOL_VERSION,
+            name: "node-1".into(),
+            join_token: None,
+            node_id: Some("n1".into()),
+            credential: None,
+            agent_version: "0.1.0".into(),
+            engine: EngineInfo {
+                hostname: "h".into(),
+                cpus: 4,
+                ..Default::default()
+            },
+            public_address: "203.0.113.9".into(),
+            labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            max_containers: 80,
+        };
+        st.update_node_hello("n1", &hello, 200).unwrap();
+        st.update_node_seen("n1", 300).unwrap();
+        let rec = st.node_by_id("n1").unwrap().unwrap();
+        assert_eq!(rec.public_address, "203.0.113.9");
+        assert_eq!(rec.labels["zone"], "a");
+        assert_eq!((rec.max_containers, rec.engine.cpus), (80, 4));
+        assert_eq!((rec.created_at, rec.last_seen), (100, 300));
+        assert_eq!(st.list_nodes().unwrap(), vec![rec]);
+        assert!(st.node_by_id("zz").unwrap().is_none());
+
+        st.set_node_credential("n1", "rotated").unwrap();
+        assert!(!st.node_credential_matches("n1", "cred-1").unwrap());
+        assert!(st.node_credential_matches("n1", "rotated").unwrap());
+        assert!(st.set_node_credential("zz", "x").is_err());
+        // Only the hash is stored.
+        let stored: String = st
+            .conn()
+            .query_row("SELECT credential_hash FROM nodes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored.len(), 64);
+        assert!(!stored.contains("rotated"));
+    }
+
+    #[test]
+    fn external_subnets_are_skipped_until_cleared() {
+        let st = Store::open_in_memory().unwrap();
+        let p = pool("10.9.[0-3].0/24");
+        assert!(st.mark_subnet_external(&n("10.9.0.0/23")).unwrap());
+        assert!(!st.mark_subnet_external(&n("10.9.0.0/23")).unwrap());
+        let got = st.allocate_subnet(&p, &[], "net1").unwrap();
+        assert_eq!(got, n("10.9.2.0/24"));
+        // The engine reports Kisara's own networks too: that must not disturb the allocation.
+        assert!(!st.mark_subnet_external(&got).unwrap());
+        let err = st.reserve_subnet(&n("10.9.1.0/24"), "x").unwrap_err();
+        assert!(err.to_string().contains("in use on an engine"), "{err}");
+        let rows = st.subnet_allocations().unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().any(|r| r.holder == EXTERNAL_HOLDER));
+        assert!(rows.iter().all(|r| r.created_at > 0));
+        assert_eq!(st.clear_external_subnets().unwrap(), 1);
+        assert_eq!(st.allocated_subnets().unwrap(), vec![got]);
+        assert_eq!(
+            st.allocate_subnet(&p, &[], "net2").unwrap(),
+            n("10.9.0.0/24")
+        );
+    }
+
+    #[test]
+    fn reserve_ignores_host_bits_and_release_is_idempotent() {
+        let st = Store::open_in_memory().unwrap();
+        st.reserve_subnet(&n("10.50.1.7/24"), "net1").unwrap();
+        assert_eq!(st.allocated_subnets().unwrap(), vec![n("10.50.1.0/24")]);
+        let err = st.reserve_subnet(&n("10.50.0.0/16"), "net2").unwrap_err();
+        assert!(err.to_string().contains("held by net1"), "{err}");
+        st.release_subnet(&n("10.50.1.7/24")).unwrap();
+        st.release_subnet(&n("10.50.1.0/24")).unwrap();
+        assert!(st.allocated_subnets().unwrap().is_empty());
+    }
+
+    #[test]
+    fn upgrades_a_version_1_file_and_refuses_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATION_1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO subnets(subnet, holder) VALUES ('10.9.0.0/24', 'old')",
+                [],
+            )
+            .unwrap();
+        }
+        let st = Store::open(&path).unwrap();
+        let rows = st.subnet_allocations().unwrap();
+        assert_eq!((rows[0].holder.as_str(), rows[0].created_at), ("old", 0));
+        let version: i64 = st
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let mode: String = st
+            .conn()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode.to_ascii_lowercase(), "wal");
+        drop(st);
+
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(&path).unwrap_err().to_string();
+        assert!(err.contains("99"), "{err}");
+    }
+
+    #[test]
+    fn optional_ext() {
+        let st = Store::open_in_memory().unwrap();
+        assert!(st.get_container("x").optional().unwrap().is_none());
+    }
+
+    #[test]
+    fn clones_share_one_database_across_threads() {
+        let st = Store::open_in_memory().unwrap();
+        let p = pool("10.9.[0-255].0/24");
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let st = st.clone();
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    (0..16)
+                        .map(|j| st.allocate_subnet(&p, &[], &format!("{i}-{j}")).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<Ipv4Net> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 128);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Alloc,
         Release(usize),
+        /// An explicit subnet: 10.7.(third).0/(prefix).
+        Reserve(u8, u8),
+        /// A subnet an engine reports: 10.7.(third).0/(prefix).
+        External(u8, u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => Just(Op::Alloc),
+            2 => (0usize..16).prop_map(Op::Release),
+            1 => (0u8..10, 22u8..=25).prop_map(|(t, p)| Op::Reserve(t, p)),
+            1 => (0u8..10, 21u8..=25).prop_map(|(t, p)| Op::External(t, p)),
+        ]
     }
 
     proptest! {
+        /// The store against a model: whatever the sequence, a subnet handed out (allocated or
+        /// reserved) never overlaps anything recorded at that moment, exhaustion and conflicts
+        /// are reported exactly when the model says, and the table matches the model.
         #[test]
-        fn live_allocations_never_overlap(ops in prop::collection::vec(
-            prop_oneof![Just(Op::Alloc), (0usize..16).prop_map(Op::Release)], 1..60)) {
+        fn live_allocations_never_overlap(ops in prop::collection::vec(op(), 1..60)) {
             let st = Store::open_in_memory().unwrap();
             let p = SubnetPool::parse(&["10.7.[0-7].0/24".to_string()], false).unwrap();
-            let mut live: Vec<Ipv4Net> = Vec::new();
+            let overlaps = kisara_core::pool::overlaps;
+            // Everything recorded: (subnet, is_external).
+            let mut live: Vec<(Ipv4Net, bool)> = Vec::new();
             for op in ops {
                 match op {
-                    Op::Alloc => {
-                        if let Ok(n) = st.allocate_subnet(&p, &[], "h") {
-                            for l in &live {
-                                prop_assert!(!kisara_core::pool::overlaps(l, &n), "{n} overlaps {l}");
+                    Op::Alloc => match st.allocate_subnet(&p, &[], "h") {
+                        Ok(got) => {
+                            prop_assert!(p.contains(&got));
+                            for (l, _) in &live {
+                                prop_assert!(!overlaps(l, &got), "{got} overlaps {l}");
                             }
-                            live.push(n);
+                            live.push((got, false));
                         }
-                    }
+                        Err(StoreError::Exhausted(_)) => {
+                            for m in p.iter() {
+                                prop_assert!(live.iter().any(|(l, _)| overlaps(l, &m)), "{m} was free");
+                            }
+                        }
+                        Err(e) => prop_assert!(false, "{e}"),
+                    },
                     Op::Release(i) => {
                         if !live.is_empty() {
-                            let n = live.remove(i % live.len());
-                            st.release_subnet(&n).unwrap();
+                            let (net, _) = live.remove(i % live.len());
+                            st.release_subnet(&net).unwrap();
+                        }
+                    }
+                    Op::Reserve(third, prefix) => {
+                        let net = Ipv4Net::new([10, 7, third, 0].into(), prefix).unwrap().trunc();
+                        let clash = live.iter().any(|(l, _)| overlaps(l, &net));
+                        match st.reserve_subnet(&net, "r") {
+                            Ok(()) => {
+                                prop_assert!(!clash, "{net} reserved over a live subnet");
+                                live.push((net, false));
+                            }
+                            Err(StoreError::Conflict(_)) => prop_assert!(clash, "{net} refused"),
+                            Err(e) => prop_assert!(false, "{e}"),
+                        }
+                    }
+                    Op::External(third, prefix) => {
+                        let net = Ipv4Net::new([10, 7, third, 0].into(), prefix).unwrap().trunc();
+                        let added = st.mark_subnet_external(&net).unwrap();
+                        prop_assert_eq!(added, !live.iter().any(|(l, _)| *l == net));
+                        if added {
+                            live.push((net, true));
                         }
                     }
                 }
+                // Subnets Kisara handed out never overlap each other.
+                let handed: Vec<Ipv4Net> = live.iter().filter(|(_, e)| !e).map(|(n, _)| *n).collect();
+                for (i, a) in handed.iter().enumerate() {
+                    for b in &handed[i + 1..] {
+                        prop_assert!(!overlaps(a, b), "{a} and {b} both live");
+                    }
+                }
             }
+            let mut model: Vec<Ipv4Net> = live.iter().map(|(n, _)| *n).collect();
+            let mut stored = st.allocated_subnets().unwrap();
+            model.sort();
+            stored.sort();
+            prop_assert_eq!(stored, model);
         }
     }
 }
