@@ -21,10 +21,21 @@ enum Command {
     Up(daemon::UpArgs),
     /// Run the control plane alone; nodes join with `kisara node`.
     Server(daemon::ServerArgs),
-    /// Run a node agent that joins a server and drives the local Docker Engine.
-    Node(daemon::NodeArgs),
+    /// Run a node agent (`kisara node --server URL --join-token T`), or inspect nodes
+    /// (`kisara node ls|inspect`).
+    Node(NodeCli),
     #[command(flatten)]
     Client(cli::ClientCommand),
+}
+
+/// `kisara node` is both the agent and the node verbs: with a verb it is a client call.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct NodeCli {
+    #[command(subcommand)]
+    verb: Option<cli::nodes::NodeCommand>,
+    #[command(flatten)]
+    agent: daemon::NodeArgs,
 }
 
 fn main() {
@@ -43,7 +54,10 @@ fn main() {
         let result = match cli.command {
             Command::Up(a) => daemon::up(a).await.map(|_| 0),
             Command::Server(a) => daemon::server(a).await.map(|_| 0),
-            Command::Node(a) => daemon::node(a).await.map(|_| 0),
+            Command::Node(NodeCli {
+                verb: Some(verb), ..
+            }) => cli::run(cli.client, cli::ClientCommand::Node(verb)).await,
+            Command::Node(NodeCli { agent, .. }) => daemon::node(agent).await.map(|_| 0),
             Command::Client(c) => cli::run(cli.client, c).await,
         };
         match result {

@@ -107,8 +107,9 @@ pub enum ClientCommand {
     /// Networks.
     #[command(subcommand)]
     Network(networks::NetworkCommand),
-    /// Nodes of the cluster.
-    #[command(subcommand)]
+    /// Nodes of the cluster. `kisara node` itself is shared with the agent (`kisara node
+    /// --server URL ...`), so main.rs parses it and hands the verbs back through this variant.
+    #[command(skip)]
     Node(nodes::NodeCommand),
 }
 

@@ -1,0 +1,277 @@
+//! The `kisara` binary as a user runs it: `up`, `server` + `node` as separate processes, and
+//! the client verbs with `--json`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::IMAGE;
+use kisara_api::{Container, ListResponse, Node, NodeState};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kisara");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed if the test fails before stopping it.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status code.
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("process did not exit within {within:?}");
+    }
+}
+
+fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("KISARA_LOG", "warn")
+        .env_remove("KISARA_URL")
+        .env_remove("KISARA_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().expect("spawn kisara"))
+}
+
+/// Runs a client verb against `url`, finding the token in `data_dir` like a user would.
+fn kisara(url: &str, data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["--url", url, "--data-dir"])
+        .arg(data_dir)
+        .args(args)
+        .env_remove("KISARA_TOKEN")
+        .output()
+        .expect("run kisara")
+}
+
+fn json<T: serde::de::DeserializeOwned>(out: &Output) -> T {
+    assert!(
+        out.status.success(),
+        "kisara failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Polls (bounded) until a ready node is listed.
+fn wait_ready(url: &str, data_dir: &Path, name: &str) -> Node {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = kisara(url, data_dir, &["node", "ls", "--json"]);
+        if out.status.success() {
+            if let Ok(nodes) = serde_json::from_slice::<ListResponse<Node>>(&out.stdout) {
+                if let Some(n) = nodes
+                    .items
+                    .into_iter()
+                    .find(|n| n.name == name && n.state == NodeState::Ready)
+                {
+                    return n;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "node {name} never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn docker_running(id: &str) -> bool {
+    let out = Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Running}}", id])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "true"
+}
+
+#[test]
+fn up_runs_serves_the_cli_and_survives_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let dir_s = dir.to_str().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    let mut up = spawn(&["up", "--data-dir", dir_s, "--listen", &listen], &[]);
+    let node = wait_ready(&url, &dir, "local");
+    assert_eq!(mode(&dir.join("admin.token")), 0o600);
+    assert_eq!(mode(&dir.join("join.token")), 0o600);
+
+    // run --json prints the container with its id, node and ports.
+    let c: Container = json(&kisara(
+        &url,
+        &dir,
+        &[
+            "run", "--json", "-p", "80/tcp", "--owner", "team9", IMAGE, "httpd", "-f", "-p",
+            "80", "-h", "/www",
+        ],
+    ));
+    assert_eq!(c.node_id, node.id);
+    assert_eq!(c.ports.len(), 1);
+    let ps: ListResponse<Container> = json(&kisara(&url, &dir, &["ps", "--json"]));
+    assert!(ps.items.iter().any(|x| x.id == c.id));
+    // The readable table names the container too.
+    let table = kisara(&url, &dir, &["ps"]);
+    assert!(table.status.success());
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&c.id[..12.min(c.id.len())]));
+
+    // exec passes output through and exits with the command's code.
+    let out = kisara(&url, &dir, &["exec", &c.id, "--", "sh", "-c", "echo hi; exit 4"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+
+    // Errors: non-zero exit with the server's message.
+    let out = kisara(&url, &dir, &["inspect", "no-such-container"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-container"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["--url", &url, "--token", "ksa_wrong", "ps"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token"));
+
+    // Ctrl-C: a clean exit, and the container keeps running.
+    up.signal("-INT");
+    assert_eq!(up.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(docker_running(&c.docker_id), "container stopped with the server");
+
+    // The next `up` picks everything up.
+    let _up2 = spawn(&["up", "--data-dir", dir_s, "--listen", &listen], &[]);
+    let node2 = wait_ready(&url, &dir, "local");
+    assert_eq!(node2.id, node.id, "the node kept its identity");
+    let again: Container = json(&kisara(&url, &dir, &["inspect", &c.id]));
+    assert_eq!(again.state, kisara_api::ContainerState::Running);
+    let out = kisara(&url, &dir, &["stop", &c.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!docker_running(&c.docker_id));
+}
+
+#[test]
+fn server_and_node_as_separate_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("server");
+    let node_dir = tmp.path().join("node");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    let _server = spawn(
+        &["server", "--data-dir", dir.to_str().unwrap(), "--listen", &listen],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.join("join.token").exists() {
+        assert!(Instant::now() < deadline, "server never wrote its join token");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let join = std::fs::read_to_string(dir.join("join.token")).unwrap();
+    let node_args = |with_token: bool| {
+        let mut a = vec![
+            "node".to_string(),
+            "--server".into(),
+            url.clone(),
+            "--name".into(),
+            "n1".into(),
+            "--state-dir".into(),
+            node_dir.to_str().unwrap().into(),
+        ];
+        if with_token {
+            a.push("--join-token".into());
+            a.push(join.trim().into());
+        }
+        a
+    };
+    let args: Vec<String> = node_args(true);
+    let mut node = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let n = wait_ready(&url, &dir, "n1");
+    assert_eq!(mode(&node_dir.join("node.json")), 0o600);
+
+    let c: Container = json(&kisara(
+        &url,
+        &dir,
+        &["run", "--json", IMAGE, "sleep", "300"],
+    ));
+    assert_eq!(c.node_id, n.id);
+
+    // The node goes away: requests to it fail fast and clearly; lists still answer.
+    node.signal("-TERM");
+    node.wait_exit(Duration::from_secs(20));
+    let out = kisara(&url, &dir, &["exec", &c.id, "--", "true"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not connected"));
+    let ps: ListResponse<Container> = json(&kisara(&url, &dir, &["ps", "--json"]));
+    assert_eq!(ps.node_errors.len(), 1);
+
+    // It comes back with its stored credential (no join token this time) as the same node.
+    let args: Vec<String> = node_args(false);
+    let _node2 = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let n2 = wait_ready(&url, &dir, "n1");
+    assert_eq!(n2.id, n.id);
+    let out = kisara(&url, &dir, &["rm", "-f", &c.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A wrong join token is refused.
+    let bad = Command::new(BIN)
+        .args([
+            "node",
+            "--server",
+            &url,
+            "--name",
+            "intruder",
+            "--join-token",
+            "ksj_wrong",
+            "--state-dir",
+        ])
+        .arg(tmp.path().join("intruder"))
+        .env("KISARA_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("join token"));
+}
