@@ -293,7 +293,8 @@ impl Agent {
                 Ok(ServerMessage::Request { id, op }) => {
                     let rt = self.runtime.clone();
                     let tx = tx.clone();
-                    let streaming = matches!(op, Operation::Logs { .. } | Operation::PullImage { .. });
+                    let streaming =
+                        matches!(op, Operation::Logs { .. } | Operation::PullImage { .. });
                     let streams2 = streams.clone();
                     let handle = tasks.spawn(async move {
                         serve(rt, id, op, &tx).await;
@@ -366,15 +367,21 @@ async fn serve(rt: Arc<dyn Runtime>, id: u64, op: Operation, tx: &mpsc::Sender<A
                 .await
                 .map(|cs| {
                     cs.into_iter()
-                        .filter(|c| c.labels.keys().any(|k| k.starts_with(kisara_api::labels::PREFIX)))
+                        .filter(|c| {
+                            c.labels
+                                .keys()
+                                .any(|k| k.starts_with(kisara_api::labels::PREFIX))
+                        })
                         .collect()
                 })
                 .map(Reply::Containers),
         ),
         Operation::ListImages => reply(rt.list_images().await.map(Reply::Images)),
-        Operation::RemoveImage { reference, force } => {
-            reply(rt.remove_image(&reference, force).await.map(|_| Reply::Done))
-        }
+        Operation::RemoveImage { reference, force } => reply(
+            rt.remove_image(&reference, force)
+                .await
+                .map(|_| Reply::Done),
+        ),
         Operation::CreateNetwork { config } => reply(
             rt.create_network(&config)
                 .await

@@ -116,20 +116,46 @@ pub enum ServerMessage {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Operation {
     /// Create and start; on any failure the agent removes what it made.
-    Launch { config: ContainerConfig },
-    Inspect { docker_id: String },
-    Stop { docker_id: String, timeout_secs: u32 },
-    Remove { docker_id: String, force: bool },
-    Exec { docker_id: String, request: ExecRequest },
+    Launch {
+        config: Box<ContainerConfig>,
+    },
+    Inspect {
+        docker_id: String,
+    },
+    Stop {
+        docker_id: String,
+        timeout_secs: u32,
+    },
+    Remove {
+        docker_id: String,
+        force: bool,
+    },
+    Exec {
+        docker_id: String,
+        request: ExecRequest,
+    },
     /// Streams [`LogChunk`]s.
-    Logs { docker_id: String, tail: Option<u64>, follow: bool },
+    Logs {
+        docker_id: String,
+        tail: Option<u64>,
+        follow: bool,
+    },
     ListContainers,
     ListImages,
     /// Streams [`crate::PullProgress`] items.
-    PullImage { reference: String },
-    RemoveImage { reference: String, force: bool },
-    CreateNetwork { config: NetworkConfig },
-    RemoveNetwork { docker_id: String },
+    PullImage {
+        reference: String,
+    },
+    RemoveImage {
+        reference: String,
+        force: bool,
+    },
+    CreateNetwork {
+        config: NetworkConfig,
+    },
+    RemoveNetwork {
+        docker_id: String,
+    },
     ListNetworks,
     /// Subnets already used by any network on the engine (not only Kisara's).
     UsedSubnets,

@@ -129,9 +129,7 @@ pub struct Hub {
 }
 
 fn disconnected(node_id: &str) -> ApiError {
-    ApiError::node_unavailable(format!(
-        "node {node_id} disconnected before it answered"
-    ))
+    ApiError::node_unavailable(format!("node {node_id} disconnected before it answered"))
 }
 
 impl Hub {
@@ -175,9 +173,8 @@ impl Hub {
     }
 
     fn session(&self, node_id: &str) -> Result<Arc<NodeSession>, ApiError> {
-        self.get(node_id).ok_or_else(|| {
-            ApiError::node_unavailable(format!("node {node_id} is not connected"))
-        })
+        self.get(node_id)
+            .ok_or_else(|| ApiError::node_unavailable(format!("node {node_id} is not connected")))
     }
 
     /// Sends a request and waits for its reply.
@@ -211,7 +208,10 @@ impl Hub {
                 Err(ApiError::new(
                     axum::http::StatusCode::GATEWAY_TIMEOUT,
                     codes::TIMEOUT,
-                    format!("node {node_id} did not answer within {}s", timeout.as_secs()),
+                    format!(
+                        "node {node_id} did not answer within {}s",
+                        timeout.as_secs()
+                    ),
                 ))
             }
         }

@@ -30,9 +30,7 @@ fn state_of(st: &AppState, node_id: &str, last_seen: i64) -> NodeState {
     match st.hub.get(node_id) {
         Some(s) if t - s.last_heartbeat() <= interval * MISSED_HEARTBEATS => NodeState::Ready,
         Some(_) => NodeState::Unreachable,
-        None if t - last_seen <= st.settings.node_grace.as_secs() as i64 => {
-            NodeState::Unreachable
-        }
+        None if t - last_seen <= st.settings.node_grace.as_secs() as i64 => NodeState::Unreachable,
         None => NodeState::Down,
     }
 }

@@ -7,7 +7,11 @@ mod cli;
 mod daemon;
 
 #[derive(Parser)]
-#[command(name = "kisara", version, about = "A cluster-level Docker for CTF/AWD ranges")]
+#[command(
+    name = "kisara",
+    version,
+    about = "A cluster-level Docker for CTF/AWD ranges"
+)]
 struct Cli {
     #[command(flatten)]
     client: cli::ClientArgs,

@@ -84,12 +84,8 @@ fn json<T: serde::de::DeserializeOwned>(out: &Output) -> T {
         "kisara failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Polls (bounded) until a ready node is listed.
@@ -144,8 +140,8 @@ fn up_runs_serves_the_cli_and_survives_restart() {
         &url,
         &dir,
         &[
-            "run", "--json", "-p", "80/tcp", "--owner", "team9", IMAGE, "httpd", "-f", "-p",
-            "80", "-h", "/www",
+            "run", "--json", "-p", "80/tcp", "--owner", "team9", IMAGE, "httpd", "-f", "-p", "80",
+            "-h", "/www",
         ],
     ));
     assert_eq!(c.node_id, node.id);
@@ -158,7 +154,11 @@ fn up_runs_serves_the_cli_and_survives_restart() {
     assert!(String::from_utf8_lossy(&table.stdout).contains(&c.id[..12.min(c.id.len())]));
 
     // exec passes output through and exits with the command's code.
-    let out = kisara(&url, &dir, &["exec", &c.id, "--", "sh", "-c", "echo hi; exit 4"]);
+    let out = kisara(
+        &url,
+        &dir,
+        &["exec", &c.id, "--", "sh", "-c", "echo hi; exit 4"],
+    );
     assert_eq!(out.status.code(), Some(4));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
 
@@ -180,7 +180,10 @@ fn up_runs_serves_the_cli_and_survives_restart() {
     // Ctrl-C: a clean exit, and the container keeps running.
     up.signal("-INT");
     assert_eq!(up.wait_exit(Duration::from_secs(20)), Some(0));
-    assert!(docker_running(&c.docker_id), "container stopped with the server");
+    assert!(
+        docker_running(&c.docker_id),
+        "container stopped with the server"
+    );
 
     // The next `up` picks everything up.
     let _up2 = spawn(&["up", "--data-dir", dir_s, "--listen", &listen], &[]);
@@ -189,7 +192,11 @@ fn up_runs_serves_the_cli_and_survives_restart() {
     let again: Container = json(&kisara(&url, &dir, &["inspect", &c.id]));
     assert_eq!(again.state, kisara_api::ContainerState::Running);
     let out = kisara(&url, &dir, &["stop", &c.id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!docker_running(&c.docker_id));
 }
 
@@ -202,12 +209,21 @@ fn server_and_node_as_separate_processes() {
     let listen = format!("127.0.0.1:{port}");
     let url = format!("http://{listen}");
     let _server = spawn(
-        &["server", "--data-dir", dir.to_str().unwrap(), "--listen", &listen],
+        &[
+            "server",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
         &[],
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !dir.join("join.token").exists() {
-        assert!(Instant::now() < deadline, "server never wrote its join token");
+        assert!(
+            Instant::now() < deadline,
+            "server never wrote its join token"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let join = std::fs::read_to_string(dir.join("join.token")).unwrap();
@@ -254,7 +270,11 @@ fn server_and_node_as_separate_processes() {
     let n2 = wait_ready(&url, &dir, "n1");
     assert_eq!(n2.id, n.id);
     let out = kisara(&url, &dir, &["rm", "-f", &c.id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A wrong join token is refused.
     let bad = Command::new(BIN)

@@ -26,7 +26,10 @@ async fn launch_serve_exec_logs_stop_leaves_nothing() {
 
     // A player reaches it.
     let answer = http_get(&p.public_host, p.public_port).await;
-    assert!(answer.contains("kisara-test"), "unexpected answer: {answer:?}");
+    assert!(
+        answer.contains("kisara-test"),
+        "unexpected answer: {answer:?}"
+    );
 
     // Exec gives output and exit code back.
     let r = k
@@ -34,7 +37,11 @@ async fn launch_serve_exec_logs_stop_leaves_nothing() {
         .exec(
             &c.id,
             &ExecRequest {
-                cmd: vec!["sh".into(), "-c".into(), "echo out; echo err >&2; exit 3".into()],
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo out; echo err >&2; exit 3".into(),
+                ],
                 ..Default::default()
             },
         )
@@ -64,7 +71,10 @@ async fn launch_serve_exec_logs_stop_leaves_nothing() {
     // Inspect by id, by name and by docker id prefix.
     assert_eq!(k.client.container(&c.id).await.unwrap().id, c.id);
     assert_eq!(k.client.container(&c.name).await.unwrap().id, c.id);
-    assert_eq!(k.client.container(&c.docker_id[..12]).await.unwrap().id, c.id);
+    assert_eq!(
+        k.client.container(&c.docker_id[..12]).await.unwrap().id,
+        c.id
+    );
 
     // Filters.
     let mine = k

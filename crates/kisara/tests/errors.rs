@@ -18,7 +18,9 @@ fn expect_err(r: Result<impl std::fmt::Debug, kisara_client::Error>, status: u16
     let e = r.expect_err("should fail");
     assert_eq!(e.status(), Some(status), "{e}");
     assert!(
-        e.to_string().to_lowercase().contains(&needle.to_lowercase()),
+        e.to_string()
+            .to_lowercase()
+            .contains(&needle.to_lowercase()),
         "error {e} does not mention {needle:?}"
     );
 }
@@ -102,7 +104,12 @@ async fn bad_launches_are_refused_and_leave_nothing() {
     // The failed launch of a missing image made and removed a network: nothing is left, and
     // the store has no record of any of it.
     k.assert_clean().await;
-    assert!(c.list_containers(&Default::default()).await.unwrap().items.is_empty());
+    assert!(c
+        .list_containers(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
     assert!(c.list_networks(None).await.unwrap().items.is_empty());
     k.stop().await;
 }
@@ -116,8 +123,16 @@ async fn bad_networks_are_refused() {
         subnet: Some(subnet.into()),
         ..Default::default()
     };
-    expect_err(c.create_network(&net("10.300.0.0/24")).await, 400, "10.300.0.0/24");
-    expect_err(c.create_network(&net("10.250.0.1/24")).await, 400, "host bits");
+    expect_err(
+        c.create_network(&net("10.300.0.0/24")).await,
+        400,
+        "10.300.0.0/24",
+    );
+    expect_err(
+        c.create_network(&net("10.250.0.1/24")).await,
+        400,
+        "host bits",
+    );
     expect_err(c.create_network(&net("8.8.8.0/24")).await, 400, "private");
     expect_err(
         c.create_network(&CreateNetworkRequest {
@@ -141,7 +156,10 @@ async fn pool_exhaustion_is_409_and_release_reuses() {
     let b = c.launch(&sleeper()).await.expect("second");
     expect_err(c.launch(&sleeper()).await, 409, "pool");
     k.client.stop(&a.id).await.unwrap();
-    let d = c.launch(&sleeper()).await.expect("released subnet is reused");
+    let d = c
+        .launch(&sleeper())
+        .await
+        .expect("released subnet is reused");
     for id in [&b.id, &d.id] {
         c.stop(id).await.unwrap();
     }
@@ -193,10 +211,19 @@ async fn auth_and_malformed_json() {
         .unwrap();
     assert_eq!(r.status(), 400);
     let body: ErrorBody = r.json().await.unwrap();
-    assert!(body.error.message.contains("imgae"), "{}", body.error.message);
+    assert!(
+        body.error.message.contains("imgae"),
+        "{}",
+        body.error.message
+    );
     // The OpenAPI document describes the routes.
     let spec = k.client.openapi().await.unwrap();
-    for path in ["/v1/containers", "/v1/containers/{id}/exec", "/v1/networks", "/v1/nodes"] {
+    for path in [
+        "/v1/containers",
+        "/v1/containers/{id}/exec",
+        "/v1/networks",
+        "/v1/nodes",
+    ] {
         assert!(spec["paths"].get(path).is_some(), "openapi lacks {path}");
     }
     k.assert_clean().await;

@@ -102,7 +102,13 @@ pub async fn launch(
 
     let launched = st
         .hub
-        .call(&node_id, Operation::Launch { config }, LAUNCH_TIMEOUT)
+        .call(
+            &node_id,
+            Operation::Launch {
+                config: Box::new(config),
+            },
+            LAUNCH_TIMEOUT,
+        )
         .await
         .and_then(|r| match r {
             Reply::Launched(c) => Ok(c),
@@ -311,7 +317,10 @@ pub async fn inspect(
 #[utoipa::path(post, path = "/v1/containers/{id}/stop",
     params(("id" = String, Path, description = "Kisara id, name, or Docker id prefix")),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn stop(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn stop(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     let c = st.store.get_container(&id)?;
     if c.state != ContainerState::Gone {
         let r = st
@@ -470,21 +479,15 @@ fn async_stream(
             .unwrap_or_default()
     }
     let head = futures::stream::iter(first.and_then(|r| r.ok()).map(|v| Ok(chunk(v))));
-    let tail = futures::stream::unfold(
-        (stream, shutdown),
-        |(mut stream, shutdown)| async move {
-            let next = tokio::select! {
-                n = stream.next() => n,
-                _ = shutdown.cancelled() => None,
-            };
-            match next? {
-                Ok(v) => Some((Ok(chunk(v)), (stream, shutdown))),
-                Err(e) => Some((
-                    Err(std::io::Error::other(e.message)),
-                    (stream, shutdown),
-                )),
-            }
-        },
-    );
+    let tail = futures::stream::unfold((stream, shutdown), |(mut stream, shutdown)| async move {
+        let next = tokio::select! {
+            n = stream.next() => n,
+            _ = shutdown.cancelled() => None,
+        };
+        match next? {
+            Ok(v) => Some((Ok(chunk(v)), (stream, shutdown))),
+            Err(e) => Some((Err(std::io::Error::other(e.message)), (stream, shutdown))),
+        }
+    });
     futures::StreamExt::chain(head, tail)
 }

@@ -25,7 +25,12 @@ fn target_nodes(st: &AppState, node: Option<&str>) -> ApiResult<Vec<String>> {
     match node {
         Some(n) => Ok(vec![placement::resolve_node(st, n)?]),
         None => {
-            let mut v: Vec<String> = st.hub.sessions().iter().map(|s| s.node_id.clone()).collect();
+            let mut v: Vec<String> = st
+                .hub
+                .sessions()
+                .iter()
+                .map(|s| s.node_id.clone())
+                .collect();
             v.sort();
             Ok(v)
         }

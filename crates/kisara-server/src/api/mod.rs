@@ -64,11 +64,7 @@ where
     }
 }
 
-async fn require_token(
-    State(state): State<Arc<AppState>>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)

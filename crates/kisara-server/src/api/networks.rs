@@ -98,7 +98,8 @@ fn parse_subnet(st: &AppState, s: &str) -> ApiResult<Ipv4Net> {
             "subnet {s:?}: prefix must be between /8 and /30"
         )));
     }
-    if !st.settings.allow_public_subnets && !(net.network().is_private() && net.broadcast().is_private()) {
+    let private = net.network().is_private() && net.broadcast().is_private();
+    if !private && !st.settings.allow_public_subnets {
         return Err(ApiError::bad_request(format!(
             "subnet {s:?} is not in private address space (10/8, 172.16/12, 192.168/16); \
              set allow_public_subnets to use it"
