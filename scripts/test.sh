@@ -2,6 +2,7 @@
 # The one command that runs every test of Kisara, installing what the tests need first:
 #   - cargo-nextest (when missing),
 #   - Debian's busybox-static and the local test image kisara-test/busybox:latest,
+#   - Debian's docker-registry (pull tests run one on loopback),
 #   - a reachable Docker Engine (the tests need one; they fail, never skip, without it).
 # Then: formatting, clippy, and the whole test suite.
 #
@@ -27,6 +28,14 @@ if ! docker info >/dev/null 2>&1; then
 fi
 
 scripts/test-images.sh
+
+# Image pulls are tested against Debian's docker-registry, started by the tests on loopback.
+if ! command -v docker-registry >/dev/null 2>&1; then
+    log "installing docker-registry"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq docker-registry >/dev/null
+fi
 
 extra=()
 if [[ "${1:-}" == "--" ]]; then shift; extra=("$@"); fi

@@ -623,8 +623,9 @@ async fn images_and_status<R: Runtime>(env: Env<R>) {
     assert_eq!(st.memory_total, info.memory_total);
     assert!(st.memory_used <= st.memory_total);
 
-    // A pull either succeeds (hollow) or, with no registry reachable, ends on an error item.
-    let reference = format!("kisara-test/pull-{}:v1", env.run);
+    // A pull either succeeds (hollow) or, from a registry that is not there, ends on an error
+    // item. The registry is a closed loopback port: tests never reach outside this machine.
+    let reference = format!("127.0.0.1:9/kisara-test/pull-{}:v1", env.run);
     let items: Vec<_> = tokio::time::timeout(
         Duration::from_secs(60),
         env.rt.pull_image(&reference).collect::<Vec<_>>(),

@@ -147,7 +147,7 @@ fn node_progress(
 }
 
 /// Remove an image from one node or all.
-#[utoipa::path(delete, path = "/v1/images/{reference}", params(
+#[utoipa::path(delete, path = "/v1/images/{*reference}", params(
         ("reference" = String, Path, description = "Image reference or id"), ImageQuery),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn remove(

@@ -1,0 +1,147 @@
+//! Images: pull with streamed progress from a registry the test runs on loopback (Debian's
+//! docker-registry; no outside registry is ever contacted), list, remove.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use kisara_api::{PullProgress, PullRequest};
+
+struct Registry {
+    child: Child,
+    _dir: tempfile::TempDir,
+    addr: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts Debian's docker-registry on a free loopback port (installed by scripts/test.sh).
+fn start_registry() -> Registry {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry must be installed (scripts/test.sh installs it)");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Registry {
+        child,
+        _dir: dir,
+        addr,
+    }
+}
+
+fn docker(args: &[&str]) {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn pull(k: &TestCluster, image: &str) -> Vec<PullProgress> {
+    let mut s = k
+        .client
+        .pull_image(&PullRequest {
+            image: image.into(),
+            node: None,
+        })
+        .await
+        .expect("pull starts");
+    let mut lines = Vec::new();
+    while let Some(p) = tokio::time::timeout(Duration::from_secs(60), s.next())
+        .await
+        .expect("pull progress stalled")
+    {
+        lines.push(p.expect("progress line"));
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_list_remove_through_kisara() {
+    let reg = start_registry();
+    let k = TestCluster::start().await;
+    let image = format!("{}/kisara-test/pulled:{}", reg.addr, &k.cluster_id[..8]);
+    docker(&["tag", IMAGE, &image]);
+    docker(&["push", &image]);
+    docker(&["rmi", &image]);
+
+    let lines = pull(&k, &image).await;
+    let last = lines.last().expect("some progress");
+    assert_eq!(last.status, "done", "{lines:?}");
+    assert!(lines.len() > 1, "no progress before done: {lines:?}");
+    assert!(lines.iter().all(|l| !l.node_id.is_empty()));
+
+    let listed = k.client.list_images(None).await.unwrap();
+    assert!(listed
+        .items
+        .iter()
+        .any(|i| i.tags.iter().any(|t| t == &image)));
+
+    k.client
+        .remove_image(&image, None, false)
+        .await
+        .expect("rm");
+    let listed = k.client.list_images(None).await.unwrap();
+    assert!(!listed
+        .items
+        .iter()
+        .any(|i| i.tags.iter().any(|t| t == &image)));
+    let e = k
+        .client
+        .remove_image(&image, None, false)
+        .await
+        .expect_err("already gone");
+    assert_eq!(e.status(), Some(404), "{e}");
+
+    // A tag the registry does not have: the stream ends with an error line naming it.
+    let missing = format!("{}/kisara-test/pulled:missing", reg.addr);
+    let lines = pull(&k, &missing).await;
+    let last = lines.last().expect("an answer");
+    assert_eq!(last.status, "error", "{lines:?}");
+    assert!(last.error.as_deref().unwrap_or("").contains("missing") || last.error.is_some());
+
+    // A malformed reference is refused before any node is asked.
+    let e = k
+        .client
+        .pull_image(&PullRequest {
+            image: "UPPER/Case Bad".into(),
+            node: None,
+        })
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(e.status(), Some(400));
+    k.stop().await;
+}
