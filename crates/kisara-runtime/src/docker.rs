@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
@@ -17,7 +18,8 @@ use bollard::models::{
     Ipam, IpamConfig, NetworkCreateRequest, NetworkingConfig, PortBinding, PortMap,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ImportImageOptionsBuilder,
+    ListContainersOptionsBuilder,
     ListImagesOptions, ListNetworksOptionsBuilder, LogsOptionsBuilder,
     RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
 };
@@ -591,6 +593,49 @@ impl Runtime for DockerRuntime {
         subnets.dedup();
         Ok(subnets)
     }
+
+    async fn load_images(&self, tar: BoxStream<'static, Result<Bytes>>) -> Result<Vec<String>> {
+        let opts = ImportImageOptionsBuilder::new().quiet(true).build();
+        let mut replies = self.docker.import_image_stream(opts, tar, None).boxed();
+        let mut loaded = Vec::new();
+        while let Some(item) = replies.next().await {
+            let info = item.map_err(|e| map_err(e, "image load"))?;
+            if let Some(msg) = info.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::BadRequest(format!("image load: {msg}")));
+            }
+            // The engine reports each image as a line `Loaded image: REF` (or `Loaded image
+            // ID: sha256:...` for an untagged one).
+            for line in info.stream.as_deref().unwrap_or_default().lines() {
+                if let Some(r) = loaded_reference(line) {
+                    loaded.push(r.to_string());
+                }
+            }
+        }
+        if loaded.is_empty() {
+            return Err(RuntimeError::BadRequest(
+                "image load: the engine loaded no image from the archive".into(),
+            ));
+        }
+        Ok(loaded)
+    }
+
+    fn export_images(&self, refs: &[String]) -> BoxStream<'static, Result<Bytes>> {
+        let names: Vec<&str> = refs.iter().map(String::as_str).collect();
+        let what = format!("images {}", refs.join(", "));
+        self.docker
+            .export_images(&names)
+            .map(move |r| r.map_err(|e| map_err(e, &what)))
+            .boxed()
+    }
+}
+
+/// The reference in one of the engine's `docker load` answer lines.
+fn loaded_reference(line: &str) -> Option<&str> {
+    let line = line.trim();
+    line.strip_prefix("Loaded image: ")
+        .or_else(|| line.strip_prefix("Loaded image ID: "))
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
 }
 
 impl DockerRuntime {

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use ipnet::Ipv4Net;
 use kisara_api::agent::{
@@ -805,6 +806,100 @@ impl Runtime for HollowRuntime {
         out.sort();
         Ok(out)
     }
+
+    async fn load_images(&self, tar: BoxStream<'static, Result<Bytes>>) -> Result<Vec<String>> {
+        // Nothing is unpacked: the archive is read through (so the sender sees it consumed) and
+        // only the references in its `manifest.json` are recorded.
+        let reader = tokio_util::io::StreamReader::new(
+            tar.map(|r| r.map_err(|e| std::io::Error::other(e.to_string()))),
+        );
+        let bridge = tokio_util::io::SyncIoBridge::new(reader);
+        let refs = tokio::task::spawn_blocking(move || manifest_tags(bridge))
+            .await
+            .map_err(|e| RuntimeError::Engine(format!("image load: {e}")))??;
+        if refs.is_empty() {
+            return Err(RuntimeError::BadRequest(
+                "image load: the archive has no manifest.json naming an image".into(),
+            ));
+        }
+        let mut st = lock(&self.state);
+        for r in &refs {
+            st.add_image(r);
+        }
+        Ok(refs)
+    }
+
+    fn export_images(&self, refs: &[String]) -> BoxStream<'static, Result<Bytes>> {
+        let st = lock(&self.state);
+        let mut found = Vec::new();
+        for r in refs {
+            match st.find_image(r) {
+                Some(i) => found.push((normalize_ref(r), st.images[i].id.clone())),
+                None => {
+                    return stream::once(futures::future::ready(Err(RuntimeError::NotFound(
+                        format!("image {r}: No such image: {r}"),
+                    ))))
+                    .boxed()
+                }
+            }
+        }
+        drop(st);
+        stream::once(futures::future::ready(hollow_save_tar(&found).map(Bytes::from))).boxed()
+    }
+}
+
+/// The `RepoTags` of a `docker save` archive's `manifest.json`; every other entry is skipped.
+fn manifest_tags(reader: impl std::io::Read) -> Result<Vec<String>> {
+    let bad = |e: std::io::Error| RuntimeError::BadRequest(format!("image load: {e}"));
+    let mut archive = tar::Archive::new(reader);
+    let mut tags = Vec::new();
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let is_manifest = entry
+            .path()
+            .map(|p| p.as_os_str() == "manifest.json")
+            .unwrap_or(false);
+        if !is_manifest {
+            continue;
+        }
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut text).map_err(bad)?;
+        let items: Vec<serde_json::Value> = serde_json::from_slice(&text)
+            .map_err(|e| RuntimeError::BadRequest(format!("image load: manifest.json: {e}")))?;
+        for item in items {
+            if let Some(ts) = item.get("RepoTags").and_then(|t| t.as_array()) {
+                tags.extend(ts.iter().filter_map(|t| t.as_str()).map(str::to_string));
+            }
+        }
+    }
+    Ok(tags)
+}
+
+/// A minimal `docker save` archive (manifest and empty configs, no layers) for hollow images.
+fn hollow_save_tar(images: &[(String, String)]) -> Result<Vec<u8>> {
+    let io = |e: std::io::Error| RuntimeError::Engine(format!("image export: {e}"));
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut manifest = Vec::new();
+    let add = |builder: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, path, data).map_err(io)
+    };
+    for (tag, id) in images {
+        let hex = id.strip_prefix("sha256:").unwrap_or(id);
+        let config = format!("{hex}.json");
+        add(
+            &mut builder,
+            &config,
+            br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#,
+        )?;
+        manifest.push(serde_json::json!({"Config": config, "RepoTags": [tag], "Layers": []}));
+    }
+    let text = serde_json::to_vec(&manifest).unwrap_or_default();
+    add(&mut builder, "manifest.json", &text)?;
+    builder.into_inner().map_err(io)
 }
 
 fn matches_labels(labels: &BTreeMap<String, String>, filter: &LabelFilter) -> bool {

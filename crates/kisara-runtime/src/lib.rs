@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::stream::BoxStream;
 use kisara_api::agent::{
     ContainerConfig, InventoryContainer, InventoryNetwork, LogChunk, NetworkConfig,
@@ -78,4 +79,10 @@ pub trait Runtime: Send + Sync + 'static {
     async fn list_networks(&self, filter: &LabelFilter) -> Result<Vec<InventoryNetwork>>;
     /// Every IPv4 subnet used by any network on the engine, Kisara's or not.
     async fn used_subnets(&self) -> Result<Vec<String>>;
+
+    /// Load images from a `docker save`-format tar (`docker load`), read as it streams in;
+    /// answers the references (or ids) the engine reports loaded.
+    async fn load_images(&self, tar: BoxStream<'static, Result<Bytes>>) -> Result<Vec<String>>;
+    /// The named images as one `docker save`-format tar, streamed as the engine writes it.
+    fn export_images(&self, refs: &[String]) -> BoxStream<'static, Result<Bytes>>;
 }

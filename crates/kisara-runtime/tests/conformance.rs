@@ -648,6 +648,36 @@ async fn images_and_status<R: Runtime>(env: Env<R>) {
     }
 }
 
+async fn export_and_load_images<R: Runtime>(env: Env<R>) {
+    // Export the test image and load it back: idempotent, so parallel tests are not disturbed.
+    let chunks: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(120),
+        env.rt.export_images(&[IMAGE.to_string()]).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("an export must end");
+    let chunks: Vec<bytes::Bytes> = chunks
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("export");
+    assert!(chunks.iter().map(|c| c.len()).sum::<usize>() > 0);
+    let loaded = env
+        .rt
+        .load_images(futures::stream::iter(chunks.into_iter().map(Ok)).boxed())
+        .await
+        .expect("load");
+    assert!(loaded.iter().any(|r| r == IMAGE), "{loaded:?}");
+
+    let missing = format!("kisara-test/missing-{}:v1", env.run);
+    let items: Vec<_> = env.rt.export_images(&[missing]).collect().await;
+    assert!(
+        items.iter().any(|i| i.is_err()),
+        "exporting a missing image must fail"
+    );
+    let junk = futures::stream::iter([Ok(bytes::Bytes::from_static(b"not a tar archive"))]).boxed();
+    assert!(env.rt.load_images(junk).await.is_err());
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod hollow {
@@ -683,4 +713,5 @@ conformance!(
     logs_return_output,
     followed_logs_end_on_stop,
     images_and_status,
+    export_and_load_images,
 );
