@@ -63,6 +63,9 @@ pub struct Agent {
     opts: AgentOptions,
 }
 
+/// Heartbeats between two reports of the engine's images (a minute at the default 5 s).
+const IMAGE_REPORT_EVERY: u64 = 12;
+
 /// Outcome of one connection.
 enum SessionEnd {
     /// Channel dropped after a successful join: reconnect soon.
@@ -259,17 +262,38 @@ impl Agent {
                     .await;
             });
         }
+        // Set when the engine's images may have changed (a pull or removal finished), so the
+        // next beat reports them; otherwise they go out every IMAGE_REPORT_EVERY beats.
+        let images_changed = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let heartbeat = {
             let rt = self.runtime.clone();
             let tx = tx.clone();
             let filter = filter.clone();
+            let images_changed = images_changed.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut beat: u64 = 0;
                 loop {
                     tick.tick().await;
                     let status = rt.status(&filter).await.unwrap_or_default();
-                    if tx.send(AgentMessage::Heartbeat { status }).await.is_err() {
+                    let report = images_changed.swap(false, std::sync::atomic::Ordering::Relaxed)
+                        || beat % IMAGE_REPORT_EVERY == 0;
+                    beat += 1;
+                    let images = if report {
+                        rt.list_images().await.ok().map(|imgs| {
+                            imgs.into_iter()
+                                .flat_map(|i| std::iter::once(i.id).chain(i.tags))
+                                .collect()
+                        })
+                    } else {
+                        None
+                    };
+                    if tx
+                        .send(AgentMessage::Heartbeat { status, images })
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -296,8 +320,16 @@ impl Agent {
                     let streaming =
                         matches!(op, Operation::Logs { .. } | Operation::PullImage { .. });
                     let streams2 = streams.clone();
+                    let touches_images = matches!(
+                        op,
+                        Operation::PullImage { .. } | Operation::RemoveImage { .. }
+                    );
+                    let images_changed = images_changed.clone();
                     let handle = tasks.spawn(async move {
                         serve(rt, id, op, &tx).await;
+                        if touches_images {
+                            images_changed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                         if let Ok(mut s) = streams2.lock() {
                             s.remove(&id);
                         }

@@ -72,6 +72,10 @@ pub enum AgentMessage {
     },
     Heartbeat {
         status: NodeStatus,
+        /// Image ids and tags on the engine. Sent on the first beat and then every so often
+        /// (and after pulls), not on every beat; absent means "unchanged".
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        images: Option<Vec<String>>,
     },
     Reply {
         id: u64,

@@ -75,6 +75,12 @@ pub struct LaunchRequest {
     /// Node (id or name) to launch on; the scheduler picks one otherwise.
     #[serde(default)]
     pub node: Option<String>,
+    /// Only nodes carrying all these labels are considered.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Overrides the server's scheduling strategy for this request.
+    #[serde(default)]
+    pub placement: Option<crate::PlacementStrategy>,
     /// Kisara's `env_mount` (a list of maps merged into `env`).
     #[serde(default)]
     pub env_mount: Vec<BTreeMap<String, String>>,

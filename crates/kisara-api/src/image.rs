@@ -20,9 +20,12 @@ pub struct ImageSummary {
 pub struct PullRequest {
     /// Image reference, e.g. `busybox:latest`.
     pub image: String,
-    /// Node id or name; every ready node when absent.
+    /// Node id or name; every connected node when neither this nor `nodes` is given.
     #[serde(default)]
     pub node: Option<String>,
+    /// Several nodes (ids or names), besides `node`.
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 /// One line of the newline-delimited JSON stream that a pull answers with.

@@ -20,6 +20,9 @@ pub struct CreateNetworkRequest {
     /// Node id or name; the scheduler picks one when absent.
     #[serde(default)]
     pub node: Option<String>,
+    /// Only nodes carrying all these labels are considered.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }

@@ -7,6 +7,7 @@ use kisara_api::{
     ImageSummary, LaunchRequest, ListResponse, LogsQuery, Network, NetworkFilter, Node,
     PullProgress, PullRequest, RemoveQuery,
 };
+use kisara_api::{DrainReport, NodeLabelsRequest};
 use reqwest::{Method, RequestBuilder, Response, Url};
 use serde::de::DeserializeOwned;
 
@@ -264,6 +265,38 @@ impl Client {
     pub async fn node(&self, id: &str) -> Result<Node> {
         self.json(self.req(Method::GET, &["v1", "nodes", nonempty(id)?])?)
             .await
+    }
+
+    /// Stops the scheduler placing anything new on the node.
+    pub async fn cordon_node(&self, id: &str) -> Result<Node> {
+        self.json(self.req(Method::POST, &["v1", "nodes", nonempty(id)?, "cordon"])?)
+            .await
+    }
+
+    /// Lets the scheduler use the node again (clears cordon and drain).
+    pub async fn uncordon_node(&self, id: &str) -> Result<Node> {
+        self.json(self.req(Method::POST, &["v1", "nodes", nonempty(id)?, "uncordon"])?)
+            .await
+    }
+
+    /// Cordons the node and lists the containers still on it (they are not moved).
+    pub async fn drain_node(&self, id: &str) -> Result<DrainReport> {
+        self.json(self.req(Method::POST, &["v1", "nodes", nonempty(id)?, "drain"])?)
+            .await
+    }
+
+    /// Merges labels into the node's; a `None` value deletes the key.
+    pub async fn label_node(
+        &self,
+        id: &str,
+        labels: std::collections::BTreeMap<String, Option<String>>,
+    ) -> Result<Node> {
+        let body = NodeLabelsRequest { labels };
+        self.json(
+            self.req(Method::PUT, &["v1", "nodes", nonempty(id)?, "labels"])?
+                .json(&body),
+        )
+        .await
     }
 
     // --- plumbing ------------------------------------------------------------------------

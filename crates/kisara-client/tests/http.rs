@@ -262,7 +262,7 @@ async fn pull_lines_span_chunks() {
     let c = client().await;
     let req = PullRequest {
         image: "busybox".into(),
-        node: None,
+        ..Default::default()
     };
     let lines: Vec<_> = c
         .pull_image(&req)

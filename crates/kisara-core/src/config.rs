@@ -100,6 +100,13 @@ pub struct ServerSection {
     pub limits: LimitsSection,
     pub heartbeat_interval_secs: Option<u64>,
     pub node_grace_secs: Option<u64>,
+    /// How the scheduler ranks nodes: `spread` (default) or `binpack`.
+    pub scheduler: Option<crate::scheduler::Strategy>,
+    /// How many times a node's CPUs the scheduler may reserve (default 4: CPU is shared,
+    /// and challenge containers mostly idle).
+    pub cpu_overcommit: Option<f64>,
+    /// How many times a node's memory the scheduler may reserve (default 1).
+    pub memory_overcommit: Option<f64>,
 }
 
 /// `[server.defaults]`: resources of a container whose request names none.
@@ -221,6 +228,11 @@ pub struct ServerSettings {
     pub heartbeat_interval: Duration,
     /// How long a node may miss heartbeats before it is considered down.
     pub node_grace: Duration,
+    pub scheduler: crate::scheduler::Strategy,
+    /// Factor on a node's CPUs that the scheduler may reserve.
+    pub cpu_overcommit: f64,
+    /// Factor on a node's memory that the scheduler may reserve.
+    pub memory_overcommit: f64,
 }
 
 impl Default for ServerSettings {
@@ -464,6 +476,9 @@ impl Config {
             limits,
             heartbeat_interval: Duration::from_secs(heartbeat_interval_secs),
             node_grace: Duration::from_secs(node_grace_secs),
+            scheduler: s.scheduler.unwrap_or_default(),
+            cpu_overcommit: overcommit("server.cpu_overcommit", s.cpu_overcommit, 4.0)?,
+            memory_overcommit: overcommit("server.memory_overcommit", s.memory_overcommit, 1.0)?,
         })
     }
 
@@ -527,6 +542,18 @@ impl Config {
             network_in: n.network_in.or(kc.network_in),
             network_out: n.network_out.or(kc.network_out),
         })
+    }
+}
+
+/// An overcommit factor: finite, at least 0.1 and at most 1000.
+fn overcommit(what: &str, v: Option<f64>, default: f64) -> Result<f64> {
+    let v = v.unwrap_or(default);
+    if v.is_finite() && (0.1..=1000.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(CoreError::invalid(format!(
+            "{what} must be between 0.1 and 1000, got {v}"
+        )))
     }
 }
 
@@ -639,6 +666,8 @@ token = "testtest"
         );
         assert_eq!(s.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(s.node_grace, Duration::from_secs(60));
+        assert_eq!(s.scheduler, crate::scheduler::Strategy::Spread);
+        assert_eq!((s.cpu_overcommit, s.memory_overcommit), (4.0, 1.0));
         assert_eq!(s, ServerSettings::default());
         let n = c.node_settings().unwrap();
         assert_eq!(n.server_url, DEFAULT_SERVER_URL);
@@ -733,6 +762,7 @@ max_containers = 20
             ("[server.limits]\nmax_cpus = 65.0\n", "max_cpus"),
             ("[server]\nheartbeat_interval_secs = 0\n", "heartbeat"),
             ("[server]\nnode_grace_secs = 5\n", "node_grace_secs"),
+            ("[server]\ncpu_overcommit = 0.0\n", "server.cpu_overcommit"),
             ("[kisara]\ndns = \"dns.google\"\n", "dns.google"),
             (
                 "[kisaraServer]\naddress = \"example.com\"\n",

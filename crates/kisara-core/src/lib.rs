@@ -11,5 +11,6 @@ pub mod ids;
 pub mod policy;
 pub mod pool;
 pub mod ports;
+pub mod scheduler;
 
 pub use error::{CoreError, Result};

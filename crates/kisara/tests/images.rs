@@ -74,7 +74,7 @@ async fn pull(k: &TestCluster, image: &str) -> Vec<PullProgress> {
         .client
         .pull_image(&PullRequest {
             image: image.into(),
-            node: None,
+            ..Default::default()
         })
         .await
         .expect("pull starts");
@@ -137,7 +137,7 @@ async fn pull_list_remove_through_kisara() {
         .client
         .pull_image(&PullRequest {
             image: "UPPER/Case Bad".into(),
-            node: None,
+            ..Default::default()
         })
         .await
         .err()

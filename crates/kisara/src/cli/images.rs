@@ -98,6 +98,7 @@ async fn pull(
     let req = PullRequest {
         image: image.clone(),
         node,
+        nodes: Vec::new(),
     };
     let mut stream = client.pull_image(&req).await?;
     let mut view = if out.json {

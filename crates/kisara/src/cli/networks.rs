@@ -61,6 +61,7 @@ pub async fn run(client: &Client, out: &Output, cmd: NetworkCommand) -> anyhow::
                 internal,
                 internet,
                 node,
+                node_selector: Default::default(),
                 labels: labels.into_iter().collect(),
             };
             let n = client.create_network(&req).await?;
