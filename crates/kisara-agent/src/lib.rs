@@ -5,6 +5,8 @@
 //! the node's status, and serves the server's requests against its [`Runtime`]. When the
 //! channel drops it reconnects with capped, jittered backoff; containers keep running.
 
+mod events;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -20,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+
+mod fetch;
 
 /// How the agent joins and what it advertises.
 #[derive(Debug, Clone)]
@@ -61,6 +65,8 @@ struct Identity {
 pub struct Agent {
     runtime: Arc<dyn Runtime>,
     opts: AgentOptions,
+    /// Forwards engine events; outlives sessions so a reconnect resumes where it left off.
+    engine_events: Arc<events::EngineEvents>,
 }
 
 /// Heartbeats between two reports of the engine's images (a minute at the default 5 s).
@@ -77,7 +83,11 @@ enum SessionEnd {
 
 impl Agent {
     pub fn new(runtime: Arc<dyn Runtime>, opts: AgentOptions) -> Self {
-        Agent { runtime, opts }
+        Agent {
+            runtime,
+            opts,
+            engine_events: Default::default(),
+        }
     }
 
     fn identity_path(&self) -> PathBuf {
@@ -230,6 +240,11 @@ impl Agent {
             _ => return Ok(SessionEnd::Failed("no welcome from the server".into())),
         };
         tracing::info!(%node_id, "joined the cluster");
+        let fetch = Arc::new(fetch::Fetcher::new(
+            &self.opts.server_url,
+            node_id.clone(),
+            self.load_identity().map(|i| i.credential),
+        ));
         let filter: LabelFilter = vec![(kisara_api::labels::CLUSTER.to_string(), cluster_id)];
 
         let (mut sink, mut stream) = ws.split();
@@ -265,6 +280,9 @@ impl Agent {
         // Set when the engine's images may have changed (a pull or removal finished), so the
         // next beat reports them; otherwise they go out every IMAGE_REPORT_EVERY beats.
         let images_changed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let engine_events =
+            self.engine_events
+                .spawn_forwarder(self.runtime.clone(), filter.clone(), tx.clone());
         let heartbeat = {
             let rt = self.runtime.clone();
             let tx = tx.clone();
@@ -315,10 +333,20 @@ impl Agent {
             };
             match serde_json::from_str::<ServerMessage>(&text) {
                 Ok(ServerMessage::Request { id, op }) => {
+                    if let Operation::Stop { docker_id, .. } | Operation::Remove { docker_id, .. } =
+                        &op
+                    {
+                        self.engine_events.expect_exit(docker_id);
+                    }
                     let rt = self.runtime.clone();
                     let tx = tx.clone();
-                    let streaming =
-                        matches!(op, Operation::Logs { .. } | Operation::PullImage { .. });
+                    let streaming = matches!(
+                        op,
+                        Operation::Logs { .. }
+                            | Operation::PullImage { .. }
+                            | Operation::LoadImagesFrom { .. }
+                    );
+                    let fetch = fetch.clone();
                     let streams2 = streams.clone();
                     let touches_images = matches!(
                         op,
@@ -326,7 +354,7 @@ impl Agent {
                     );
                     let images_changed = images_changed.clone();
                     let handle = tasks.spawn(async move {
-                        serve(rt, id, op, &tx).await;
+                        serve(rt, id, op, &tx, &fetch).await;
                         if touches_images {
                             images_changed.store(true, std::sync::atomic::Ordering::Relaxed);
                         }
@@ -350,6 +378,7 @@ impl Agent {
             }
         };
         heartbeat.abort();
+        engine_events.abort();
         tasks.abort_all();
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
@@ -370,7 +399,13 @@ pub fn error_body(e: &RuntimeError) -> ErrorBody {
     ErrorBody::new(code, e.to_string())
 }
 
-async fn serve(rt: Arc<dyn Runtime>, id: u64, op: Operation, tx: &mpsc::Sender<AgentMessage>) {
+async fn serve(
+    rt: Arc<dyn Runtime>,
+    id: u64,
+    op: Operation,
+    tx: &mpsc::Sender<AgentMessage>,
+    fetch: &fetch::Fetcher,
+) {
     let reply = |r: Result<Reply, RuntimeError>| AgentMessage::Reply {
         id,
         result: r.map_err(|e| error_body(&e)),
@@ -431,6 +466,10 @@ async fn serve(rt: Arc<dyn Runtime>, id: u64, op: Operation, tx: &mpsc::Sender<A
         } => {
             let s = rt.logs(&docker_id, tail, follow);
             forward(id, s, tx).await;
+            return;
+        }
+        Operation::LoadImagesFrom { url_path } => {
+            fetch::load_images_from(rt, id, &url_path, fetch, tx).await;
             return;
         }
         Operation::PullImage { reference } => {

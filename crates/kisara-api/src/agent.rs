@@ -89,7 +89,30 @@ pub enum AgentMessage {
         id: u64,
         error: Option<ErrorBody>,
     },
+    /// A container of this cluster changed state on its own (today: `die`). Exits that the
+    /// server asked for (stop, forced remove) are not reported.
+    ContainerEvent {
+        event: ContainerEvent,
+    },
 }
+
+/// A state change the engine reported for one container.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerEvent {
+    pub docker_id: String,
+    /// Docker's action: `die`.
+    pub action: String,
+    /// The main process's exit code, for `die`.
+    pub exit_code: Option<i64>,
+    /// When the engine saw it, unix nanoseconds (with the id, it names the fact: a replayed
+    /// event is recognised as the same one).
+    pub time_nano: i64,
+    /// The container's labels (`io.kisara.*` tell which Kisara container it is).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Docker's action for a container whose main process ended.
+pub const ACTION_DIE: &str = "die";
 
 /// Frames the server sends.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -163,6 +186,12 @@ pub enum Operation {
     ListNetworks,
     /// Subnets already used by any network on the engine (not only Kisara's).
     UsedSubnets,
+    /// Fetch a `docker load` archive from the server at `url_path` (over a connection of its
+    /// own, with the node credential, never through this channel) and load it into the
+    /// engine. Streams [`crate::BundleLoadProgress`] items.
+    LoadImagesFrom {
+        url_path: String,
+    },
 }
 
 /// Answers to [`Operation`]s that are not streams.

@@ -84,6 +84,10 @@ pub struct LaunchRequest {
     /// Kisara's `env_mount` (a list of maps merged into `env`).
     #[serde(default)]
     pub env_mount: Vec<BTreeMap<String, String>>,
+    /// A retried request with the same key never launches twice: it gets the first one's
+    /// container back. Also accepted as the `Idempotency-Key` header.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// Transport protocol of a port.
@@ -150,6 +154,9 @@ pub fn host_port_string(ports: &[PortBinding]) -> String {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ContainerState {
+    /// Recorded before the node was asked to create it; a launch in flight, or one a crash
+    /// interrupted (settled when the node's inventory is reconciled).
+    Launching,
     Created,
     Running,
     Paused,
@@ -160,6 +167,8 @@ pub enum ContainerState {
     Gone,
     /// The node is not connected, so the state cannot be known.
     Unknown,
+    /// Its node has been down past the grace period.
+    Lost,
 }
 
 impl ContainerState {

@@ -6,14 +6,21 @@
 //! `subnet_name`, `module`, `host_port`) so that existing platform integrations keep working.
 
 pub mod agent;
+pub mod bundle;
 pub mod container;
 pub mod error;
+pub mod events;
 pub mod image;
 pub mod network;
 pub mod node;
 
+pub use bundle::*;
 pub use container::*;
 pub use error::*;
+pub use events::{
+    CreateWebhookRequest, DeliveryAttempt, DeliveryState, Event, EventFilter, EventQuery, Webhook,
+    WebhookDelivery,
+};
 pub use image::*;
 pub use network::*;
 pub use node::*;
@@ -37,6 +44,8 @@ pub mod labels {
     pub const MODULE: &str = "io.kisara.module";
     /// Set on networks Kisara created for one container and removes with it.
     pub const OWNED_BY: &str = "io.kisara.owned-by";
+    /// Set on spare networks of the warm pool (claimed by launches, then owned by them).
+    pub const SPARE: &str = "io.kisara.spare";
 }
 
 use serde::{Deserialize, Serialize};

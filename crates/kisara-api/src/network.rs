@@ -55,4 +55,7 @@ pub struct Network {
 pub struct NetworkFilter {
     #[serde(default)]
     pub node: Option<String>,
+    /// Also list the warm pool's unclaimed spare networks.
+    #[serde(default)]
+    pub all: Option<bool>,
 }

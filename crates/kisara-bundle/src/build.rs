@@ -165,7 +165,8 @@ pub async fn build(
                 }
             }
             Instruction::Run(cmd) => {
-                let cmd = x(cmd)?;
+                // The shell expands variables: ARG and ENV values are in its environment.
+                let cmd = cmd.clone();
                 run(&cmd, &work, &all_vars, progress)
                     .await
                     .map_err(|message| BundleError::RunFailed {
@@ -215,8 +216,8 @@ pub async fn build(
                 st.launch = apps.iter().map(|a| x(a)).collect::<Result<_>>()?;
             }
             Instruction::Cmd(argv) => {
-                st.cmd
-                    .push(argv.iter().map(|a| x(a)).collect::<Result<_>>()?);
+                // Run later with the bundle's env, where the shell expands what it refers to.
+                st.cmd.push(argv.clone());
             }
         }
     }

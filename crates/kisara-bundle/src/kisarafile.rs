@@ -13,8 +13,9 @@
 //! CMD command | CMD ["a","b"]   run on the operator's machine once the apps are up
 //! ```
 //! `#` starts a comment line; a trailing `\` continues an instruction on the next line.
-//! `$VAR`, `${VAR}` and `${VAR:-default}` are expanded from ARG and ENV at build time; an
-//! unknown variable is an error rather than a silent empty string.
+//! `$VAR`, `${VAR}` and `${VAR:-default}` are expanded from ARG and ENV at build time (an
+//! unknown variable is an error rather than a silent empty string), except in RUN and CMD,
+//! whose shell expands them from its environment.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

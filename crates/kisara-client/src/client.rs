@@ -239,10 +239,19 @@ impl Client {
     }
 
     pub async fn list_networks(&self, node: Option<&str>) -> Result<ListResponse<Network>> {
-        let query = NetworkFilter {
+        self.list_networks_filtered(&NetworkFilter {
             node: node.map(str::to_string),
-        };
-        self.json(self.req(Method::GET, &["v1", "networks"])?.query(&query))
+            all: None,
+        })
+        .await
+    }
+
+    /// Networks with every filter (`all` includes the warm pool's unclaimed spares).
+    pub async fn list_networks_filtered(
+        &self,
+        filter: &NetworkFilter,
+    ) -> Result<ListResponse<Network>> {
+        self.json(self.req(Method::GET, &["v1", "networks"])?.query(filter))
             .await
     }
 
@@ -312,7 +321,7 @@ impl Client {
     }
 
     /// A request carrying the bearer token.
-    fn req(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder> {
+    pub(crate) fn req(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder> {
         let builder = self.http.request(method, self.url(segments)?);
         Ok(match &self.token {
             Some(Token(t)) => builder.bearer_auth(t),
@@ -333,7 +342,7 @@ impl Client {
 
     /// Sends with the timeout over the response head only; the body may take as long as the
     /// server streams it. Error bodies are read under the timeout too.
-    async fn send_streaming(&self, builder: RequestBuilder) -> Result<Response> {
+    pub(crate) async fn send_streaming(&self, builder: RequestBuilder) -> Result<Response> {
         let resp = tokio::time::timeout(self.timeout, builder.send())
             .await
             .map_err(|_| Error::Timeout)?
@@ -346,11 +355,11 @@ impl Client {
             .map_err(|_| Error::Timeout)?
     }
 
-    async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T> {
+    pub(crate) async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T> {
         decode(self.send(builder, self.timeout).await?).await
     }
 
-    async fn empty(&self, builder: RequestBuilder) -> Result<()> {
+    pub(crate) async fn empty(&self, builder: RequestBuilder) -> Result<()> {
         self.send(builder, self.timeout).await.map(drop)
     }
 }

@@ -45,17 +45,22 @@
 //! # }
 //! ```
 
+mod bundles;
 mod client;
 mod error;
+mod events;
 mod ndjson;
 
+pub use bundles::BundleLoadStream;
 pub use client::{ByteStream, Client, ClientBuilder, PullStream, DEFAULT_TIMEOUT};
 pub use error::Error;
+pub use events::{EventStream, HookHandle, Hooks};
 
 /// The wire types, re-exported so that users need not depend on `kisara-api` themselves.
 pub use kisara_api::{
-    codes, container::*, image::*, labels, network::*, node::*, ErrorBody, ErrorDetail, Health,
-    ListResponse, NodeError,
+    codes, container::*, events::kinds, image::*, labels, network::*, node::*,
+    CreateWebhookRequest, DeliveryAttempt, DeliveryState, ErrorBody, ErrorDetail, Event,
+    EventQuery, Health, ListResponse, NodeError, Webhook, WebhookDelivery,
 };
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

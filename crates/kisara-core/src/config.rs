@@ -107,6 +107,9 @@ pub struct ServerSection {
     pub cpu_overcommit: Option<f64>,
     /// How many times a node's memory the scheduler may reserve (default 1).
     pub memory_overcommit: Option<f64>,
+    /// Spare networks kept ready per node, so a launch without a network does not wait for
+    /// the engine to create one (default 2; 0 turns the warm pool off).
+    pub warm_networks: Option<u32>,
 }
 
 /// `[server.defaults]`: resources of a container whose request names none.
@@ -233,6 +236,8 @@ pub struct ServerSettings {
     pub cpu_overcommit: f64,
     /// Factor on a node's memory that the scheduler may reserve.
     pub memory_overcommit: f64,
+    /// Spare networks kept ready per node (0 = none).
+    pub warm_networks: u32,
 }
 
 impl Default for ServerSettings {
@@ -479,6 +484,14 @@ impl Config {
             scheduler: s.scheduler.unwrap_or_default(),
             cpu_overcommit: overcommit("server.cpu_overcommit", s.cpu_overcommit, 4.0)?,
             memory_overcommit: overcommit("server.memory_overcommit", s.memory_overcommit, 1.0)?,
+            warm_networks: match s.warm_networks.unwrap_or(2) {
+                n @ 0..=64 => n,
+                n => {
+                    return Err(CoreError::invalid(format!(
+                        "server.warm_networks must be at most 64, got {n}"
+                    )))
+                }
+            },
         })
     }
 

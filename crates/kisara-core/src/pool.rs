@@ -107,6 +107,42 @@ impl SubnetPool {
         self.iter().find(|net| !taken(net))
     }
 
+    /// The subnet at `index` in [`iter`](Self::iter) order, in O(entries): allocators keep a
+    /// position instead of walking the pool from its start on every allocation.
+    pub fn nth(&self, mut index: u64) -> Option<Ipv4Net> {
+        for e in &self.entries {
+            let len = e.len();
+            if index < len {
+                return Some(e.nth(index));
+            }
+            index -= len;
+        }
+        None
+    }
+
+    /// The index of `net` in [`iter`](Self::iter) order, if it is one of the pool's subnets.
+    pub fn position(&self, net: &Ipv4Net) -> Option<u64> {
+        let mut before = 0;
+        for e in &self.entries {
+            if e.contains(net) {
+                // Within an entry the order is ascending by address: binary search.
+                let (mut lo, mut hi) = (0, e.len());
+                let want = u32::from(net.network());
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    if u32::from(e.nth(mid).network()) < want {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                return Some(before + lo);
+            }
+            before += e.len();
+        }
+        None
+    }
+
     /// The entries as written.
     pub fn entries(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.text.as_str())
@@ -349,6 +385,96 @@ impl Entry {
             .product();
         combos << (self.prefix - self.base_prefix)
     }
+
+    /// The `index`-th subnet of [`Entry::iter`] (`index < len`), by mixed-radix arithmetic.
+    fn nth(&self, index: u64) -> Ipv4Net {
+        let per_base = 1u64 << (self.prefix - self.base_prefix);
+        let step = 1u32 << (32 - self.prefix);
+        let k = (index % per_base) as u32;
+        let mut rest = index / per_base;
+        let mut octets = [0u8; 4];
+        for i in (0..4).rev() {
+            let (lo, hi) = self.octets[i];
+            let n = u64::from(hi - lo) + 1;
+            octets[i] = lo + (rest % n) as u8;
+            rest /= n;
+        }
+        net(u32::from_be_bytes(octets) + k * step, self.prefix)
+    }
+}
+
+/// The networks in use, kept up to date one insert or removal at a time, answering "does this
+/// network overlap any of them" in O(prefix lengths × log n). An allocator keeps one across
+/// allocations instead of rebuilding a [`TakenSet`] from every row each time.
+#[derive(Debug, Clone, Default)]
+pub struct TakenIndex {
+    /// By prefix length: first addresses of the networks of that size (with multiplicity).
+    by_prefix: Vec<std::collections::BTreeMap<u32, u32>>,
+    len: usize,
+}
+
+impl TakenIndex {
+    pub fn new(nets: impl IntoIterator<Item = Ipv4Net>) -> TakenIndex {
+        let mut t = TakenIndex::default();
+        for n in nets {
+            t.insert(&n);
+        }
+        t
+    }
+
+    pub fn insert(&mut self, net: &Ipv4Net) {
+        if self.by_prefix.is_empty() {
+            self.by_prefix = vec![Default::default(); 33];
+        }
+        let net = net.trunc();
+        *self.by_prefix[net.prefix_len() as usize]
+            .entry(u32::from(net.network()))
+            .or_default() += 1;
+        self.len += 1;
+    }
+
+    /// Removes one occurrence of `net`; returns whether it was there.
+    pub fn remove(&mut self, net: &Ipv4Net) -> bool {
+        let net = net.trunc();
+        let Some(set) = self.by_prefix.get_mut(net.prefix_len() as usize) else {
+            return false;
+        };
+        let key = u32::from(net.network());
+        match set.get_mut(&key) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                set.remove(&key);
+            }
+            None => return false,
+        }
+        self.len -= 1;
+        true
+    }
+
+    /// Whether `net` overlaps any network of the index.
+    pub fn overlaps(&self, net: &Ipv4Net) -> bool {
+        let (start, end) = (u32::from(net.network()), u32::from(net.broadcast()));
+        let q = net.prefix_len() as usize;
+        self.by_prefix.iter().enumerate().any(|(p, set)| {
+            if set.is_empty() {
+                false
+            } else if p <= q {
+                // Only the one network of size /p that contains `net` can overlap it.
+                let mask = u32::MAX.checked_shl(32 - p as u32).unwrap_or(0);
+                set.contains_key(&(start & mask))
+            } else {
+                set.range(start..=end).next().is_some()
+            }
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 fn net(addr: u32, prefix: u8) -> Ipv4Net {
@@ -579,6 +705,39 @@ mod tests {
     }
 
     proptest! {
+        /// `nth` and `position` agree with the iteration order.
+        #[test]
+        fn nth_and_position_follow_iter(entry in entry_strategy()) {
+            let p = SubnetPool::parse(&[entry], true).unwrap();
+            for (i, n) in p.iter().take(300).enumerate() {
+                prop_assert_eq!(p.nth(i as u64), Some(n));
+                prop_assert_eq!(p.position(&n), Some(i as u64));
+            }
+            prop_assert_eq!(p.nth(p.len()), None);
+        }
+
+        /// The incremental index answers overlap like the brute-force definition.
+        #[test]
+        fn taken_index_matches_brute_force(
+            nets in prop::collection::vec(net_strategy(), 0..30),
+            removed in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+            probes in prop::collection::vec(net_strategy(), 1..30),
+        ) {
+            let mut live = nets.clone();
+            let mut idx = TakenIndex::new(nets.iter().copied());
+            for r in removed {
+                if !live.is_empty() {
+                    let n = live.remove(r.index(live.len()));
+                    prop_assert!(idx.remove(&n));
+                }
+            }
+            prop_assert_eq!(idx.len(), live.len());
+            for p in probes {
+                let want = live.iter().any(|l| overlaps(l, &p));
+                prop_assert_eq!(idx.overlaps(&p), want, "{}", p);
+            }
+        }
+
         #[test]
         fn pools_yield_private_distinct_members(entries in prop::collection::vec(entry_strategy(), 1..4)) {
             let parsed = SubnetPool::parse(&entries, false);

@@ -9,7 +9,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
@@ -19,11 +18,12 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ImportImageOptionsBuilder,
-    ListContainersOptionsBuilder,
-    ListImagesOptions, ListNetworksOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptions, ListNetworksOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use bollard::Docker;
+use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use kisara_api::agent::{
     ContainerConfig, InventoryContainer, InventoryNetwork, LogChunk, NetworkConfig, PublishedPort,
@@ -627,6 +627,63 @@ impl Runtime for DockerRuntime {
             .map(move |r| r.map_err(|e| map_err(e, &what)))
             .boxed()
     }
+
+    fn events(
+        &self,
+        filter: &LabelFilter,
+        since_nano: Option<i64>,
+    ) -> BoxStream<'static, Result<crate::RuntimeEvent>> {
+        let mut filters = label_filters(filter);
+        filters.insert("type".to_string(), vec!["container".to_string()]);
+        filters.insert(
+            "event".to_string(),
+            vec![kisara_api::agent::ACTION_DIE.to_string()],
+        );
+        let mut opts = bollard::query_parameters::EventsOptionsBuilder::new().filters(&filters);
+        if let Some(ns) = since_nano {
+            // The engine takes `seconds.nanoseconds`.
+            let since = format!(
+                "{}.{:09}",
+                ns.div_euclid(1_000_000_000),
+                ns.rem_euclid(1_000_000_000)
+            );
+            opts = opts.since(&since);
+        }
+        self.docker
+            .events(Some(opts.build()))
+            .filter_map(|item| {
+                futures::future::ready(match item {
+                    Ok(m) => runtime_event(m).map(Ok),
+                    Err(e) => Some(Err(map_err(e, "engine events"))),
+                })
+            })
+            .boxed()
+    }
+}
+
+/// A container event from the engine's; `None` for what is not one (no actor id).
+fn runtime_event(m: bollard::models::EventMessage) -> Option<crate::RuntimeEvent> {
+    let actor = m.actor?;
+    let docker_id = actor.id.filter(|id| !id.is_empty())?;
+    let attributes = actor.attributes.unwrap_or_default();
+    let exit_code = attributes.get("exitCode").and_then(|c| c.parse().ok());
+    // Attributes mix the container's labels with `name`, `image`, `exitCode`, ...; Kisara's
+    // labels are what tells the server which container this is.
+    let labels = attributes
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(kisara_api::labels::PREFIX))
+        .collect();
+    let time_nano = m
+        .time_nano
+        .or_else(|| m.time.map(|t| t.saturating_mul(1_000_000_000)))
+        .unwrap_or(0);
+    Some(crate::RuntimeEvent {
+        docker_id,
+        action: m.action.unwrap_or_default(),
+        exit_code,
+        time_nano,
+        labels,
+    })
 }
 
 /// The reference in one of the engine's `docker load` answer lines.

@@ -48,6 +48,8 @@ pub struct HollowRuntime {
     disk_total: u64,
     /// Shared with streams (pulls, followed logs) that outlive a call.
     state: Arc<Mutex<State>>,
+    /// `die` events, for [`Runtime::events`] subscribers.
+    events: tokio::sync::broadcast::Sender<crate::RuntimeEvent>,
 }
 
 impl std::fmt::Debug for HollowRuntime {
@@ -92,6 +94,7 @@ impl HollowRuntime {
             memory_total: 8 << 30,
             disk_total: 100 << 30,
             state: Arc::new(Mutex::new(state)),
+            events: tokio::sync::broadcast::channel(1024).0,
         }
     }
 
@@ -465,6 +468,10 @@ impl Runtime for HollowRuntime {
                 stopped_tx: None,
             },
         );
+        drop(st);
+        if finished {
+            self.died(&inv, outcome.code);
+        }
         Ok(inv)
     }
 
@@ -489,7 +496,10 @@ impl Runtime for HollowRuntime {
         // What SIGTERM through the init process gives.
         c.inv.state = "exited".to_string();
         c.inv.status = "Exited (143) Less than a second ago".to_string();
+        let inv = c.inv.clone();
         st.release(&id);
+        drop(st);
+        self.died(&inv, 143);
         Ok(())
     }
 
@@ -508,6 +518,11 @@ impl Runtime for HollowRuntime {
         st.release(&id);
         if let Some(c) = st.containers.remove(&id) {
             st.names.remove(&c.inv.name);
+            drop(st);
+            if running {
+                // What SIGKILL gives.
+                self.died(&c.inv, 137);
+            }
         }
         Ok(())
     }
@@ -844,7 +859,48 @@ impl Runtime for HollowRuntime {
             }
         }
         drop(st);
-        stream::once(futures::future::ready(hollow_save_tar(&found).map(Bytes::from))).boxed()
+        stream::once(futures::future::ready(
+            hollow_save_tar(&found).map(Bytes::from),
+        ))
+        .boxed()
+    }
+
+    fn events(
+        &self,
+        filter: &LabelFilter,
+        _since_nano: Option<i64>,
+    ) -> BoxStream<'static, Result<crate::RuntimeEvent>> {
+        // No history is kept: a subscriber sees what happens from now on.
+        let rx = self.events.subscribe();
+        let filter = filter.clone();
+        stream::unfold((rx, filter), |(mut rx, filter)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if matches_labels(&e.labels, &filter) => {
+                        return Some((Ok(e), (rx, filter)))
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+impl HollowRuntime {
+    /// Tells event subscribers that a container's main process ended.
+    fn died(&self, inv: &InventoryContainer, exit_code: i64) {
+        let time_nano = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        let _ = self.events.send(crate::RuntimeEvent {
+            docker_id: inv.docker_id.clone(),
+            action: kisara_api::agent::ACTION_DIE.to_string(),
+            exit_code: Some(exit_code),
+            time_nano,
+            labels: inv.labels.clone(),
+        });
     }
 }
 

@@ -85,4 +85,17 @@ pub trait Runtime: Send + Sync + 'static {
     async fn load_images(&self, tar: BoxStream<'static, Result<Bytes>>) -> Result<Vec<String>>;
     /// The named images as one `docker save`-format tar, streamed as the engine writes it.
     fn export_images(&self, refs: &[String]) -> BoxStream<'static, Result<Bytes>>;
+
+    /// Engine events of the containers matching `filter`: today `die` (a container's main
+    /// process ended, for any reason, a requested stop included). Runs until dropped; with
+    /// `since_nano` (unix nanoseconds) the engine first replays what it still remembers from
+    /// then on. Each event carries the container's `io.kisara.*` labels.
+    fn events(
+        &self,
+        filter: &LabelFilter,
+        since_nano: Option<i64>,
+    ) -> BoxStream<'static, Result<RuntimeEvent>>;
 }
+
+/// A container event as the runtime reports it (the agent forwards it as is).
+pub use kisara_api::agent::ContainerEvent as RuntimeEvent;

@@ -652,7 +652,9 @@ async fn export_and_load_images<R: Runtime>(env: Env<R>) {
     // Export the test image and load it back: idempotent, so parallel tests are not disturbed.
     let chunks: Vec<_> = tokio::time::timeout(
         Duration::from_secs(120),
-        env.rt.export_images(&[IMAGE.to_string()]).collect::<Vec<_>>(),
+        env.rt
+            .export_images(&[IMAGE.to_string()])
+            .collect::<Vec<_>>(),
     )
     .await
     .expect("an export must end");

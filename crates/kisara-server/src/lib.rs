@@ -16,11 +16,16 @@ use kisara_store::Store;
 
 pub mod api;
 pub mod error;
+pub mod events;
 pub mod hub;
+pub mod janitor;
+pub mod metrics;
 pub mod openapi;
 pub mod placement;
 pub mod reconcile;
 pub mod tokens;
+pub mod warm;
+pub mod webhooks;
 pub mod ws;
 
 pub use error::{ApiError, ApiResult};
@@ -52,6 +57,16 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Per node: labelled containers found on the engine that the store does not know.
     unknown: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Spare networks kept ready per node.
+    pub warm: warm::WarmPool,
+    /// The allocation ledger the scheduler places against.
+    pub placement: placement::Ledger,
+    /// Events: stored, broadcast to SSE streams, delivered to webhooks.
+    pub events: events::EventBus,
+    /// When this process opened the store (unix seconds): launch intent older than this was
+    /// interrupted by a crash or restart.
+    pub started_at: i64,
+    pub metrics: metrics::Metrics,
 }
 
 impl AppState {
@@ -94,6 +109,15 @@ impl Server {
             let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
         }
         let store = Store::open(&data_dir.join(STORE_FILE))?;
+        // A crash between a subnet's allocation and its network's row leaves the subnet held
+        // by nothing; nothing is being launched yet, so it is safe to give them back now.
+        let released = store.release_orphan_subnets()?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "returned subnets of interrupted launches to the pool"
+            );
+        }
         let cluster_id = match store.get_meta("cluster_id")? {
             Some(id) => id,
             None => {
@@ -110,6 +134,8 @@ impl Server {
             None => tokens::load_or_create(&data_dir.join(ADMIN_TOKEN_FILE), "ksa_")?,
         };
         let join_token = tokens::load_or_create(&data_dir.join(JOIN_TOKEN_FILE), "ksj_")?;
+        let ledger = placement::Ledger::load(&store, &settings)?;
+        let events = events::EventBus::new(store.clone(), cluster_id.clone());
         Ok(Server {
             state: Arc::new(AppState {
                 store,
@@ -121,6 +147,11 @@ impl Server {
                 join_token,
                 shutdown: tokio_util::sync::CancellationToken::new(),
                 unknown: Default::default(),
+                warm: Default::default(),
+                started_at: now(),
+                metrics: Default::default(),
+                placement: ledger,
+                events,
             }),
         })
     }
@@ -141,16 +172,22 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let app = self.router();
+        events::start(&self.state);
+        let janitor = tokio::spawn(janitor::run(self.state.clone()));
         let token = self.state.shutdown.clone();
         let graceful = token.clone();
         let serve = axum::serve(listener, app)
             .with_graceful_shutdown(async move { graceful.cancelled().await });
         let mut serve = std::pin::pin!(serve.into_future());
         tokio::select! {
-            r = &mut serve => return r,
+            r = &mut serve => {
+                token.cancel();
+                return r;
+            }
             _ = shutdown => {}
         }
         token.cancel();
+        let _ = janitor.await;
         // Long-lived streams (agent channels, followed logs) watch the token; give in-flight
         // requests a moment to finish, then stop regardless.
         match tokio::time::timeout(std::time::Duration::from_secs(5), serve).await {

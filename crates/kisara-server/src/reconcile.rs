@@ -1,25 +1,35 @@
 //! Reconciling the store with a node's inventory (sent by the agent on every connect).
 //!
-//! Docker holds actual state: a container the store knows but the engine does not was removed
+//! Docker holds actual state. A container the store knows but the engine does not was removed
 //! behind Kisara's back and is marked gone; a labelled container the store does not know is
-//! reported on the node (never silently adopted or deleted).
+//! reported on the node (never silently adopted or deleted). Intent left by a launch that a
+//! crash interrupted (rows in `launching`, networks without an engine id) is settled here: the
+//! engine's object is adopted when it exists, and the intent dropped (with its subnet) when it
+//! does not and the row is older than this server process.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use kisara_api::agent::{InventoryContainer, InventoryNetwork};
-use kisara_api::{labels, ContainerState};
+use kisara_api::{host_port_string, labels, ContainerState};
 
 use crate::AppState;
 
-pub fn reconcile_node(
-    st: &AppState,
+pub async fn reconcile_node(
+    st: &Arc<AppState>,
     node_id: &str,
     containers: &[InventoryContainer],
-    _networks: &[InventoryNetwork],
+    networks: &[InventoryNetwork],
 ) {
+    settle_networks(st, node_id, networks).await;
     let by_docker: HashMap<&str, &InventoryContainer> = containers
         .iter()
         .map(|c| (c.docker_id.as_str(), c))
+        .collect();
+    let by_kisara_id: HashMap<&str, &InventoryContainer> = containers
+        .iter()
+        .filter(|c| c.labels.get(labels::CLUSTER) == Some(&st.cluster_id))
+        .filter_map(|c| c.labels.get(labels::CONTAINER).map(|id| (id.as_str(), c)))
         .collect();
     let known = match st.store.list_containers(None, None, Some(node_id), false) {
         Ok(k) => k,
@@ -28,10 +38,44 @@ pub fn reconcile_node(
             return;
         }
     };
+    let public_address = st
+        .hub
+        .get(node_id)
+        .map(|s| s.hello.public_address.clone())
+        .unwrap_or_default();
     let mut known_ids = HashSet::new();
-    let mut gone = 0;
+    let (mut gone, mut adopted, mut dropped) = (0, 0, 0);
     for c in &known {
         known_ids.insert(c.id.clone());
+        if c.state == ContainerState::Launching {
+            match by_kisara_id.get(c.id.as_str()) {
+                Some(inv) => {
+                    let mut done = c.clone();
+                    done.docker_id = inv.docker_id.clone();
+                    done.name = inv.name.trim_start_matches('/').to_string();
+                    done.ip_address = inv.ip_address.clone();
+                    done.network = inv.network.clone().or(done.network);
+                    done.state = ContainerState::from_docker(&inv.state);
+                    done.status = inv.status.clone();
+                    done.ports = crate::api::containers::bindings(inv, &public_address);
+                    done.host_port = host_port_string(&done.ports);
+                    if st.store.complete_container(&done).is_ok() {
+                        adopted += 1;
+                    }
+                }
+                // Only intent from before this process started is abandoned: a launch of
+                // this process may still be on its way to the node.
+                None if c.created_at < st.started_at => {
+                    for net in st.store.networks_owned_by(&c.id).unwrap_or_default() {
+                        crate::api::networks::destroy(st, &net).await;
+                    }
+                    let _ = st.store.delete_container(&c.id);
+                    dropped += 1;
+                }
+                None => {}
+            }
+            continue;
+        }
         match by_docker.get(c.docker_id.as_str()) {
             Some(inv) => {
                 let state = ContainerState::from_docker(&inv.state);
@@ -66,5 +110,54 @@ pub fn reconcile_node(
     if gone > 0 {
         tracing::warn!(node = %node_id, gone, "containers removed behind Kisara's back");
     }
+    if adopted + dropped > 0 {
+        tracing::info!(node = %node_id, adopted, dropped, "settled interrupted launches");
+    }
     st.set_unknown_containers(node_id, unknown);
+}
+
+/// Networks: rows written before the engine made them get their engine id, or are dropped;
+/// labelled networks of this cluster that the store does not know are removed (they can only
+/// come from a launch a crash interrupted, and the engine refuses while anything uses them).
+async fn settle_networks(st: &Arc<AppState>, node_id: &str, networks: &[InventoryNetwork]) {
+    let rows = st.store.list_networks(Some(node_id)).unwrap_or_default();
+    let row_ids: HashSet<&str> = rows.iter().map(|n| n.id.as_str()).collect();
+    let by_id: HashMap<&str, &InventoryNetwork> = networks
+        .iter()
+        .filter(|n| n.labels.get(labels::CLUSTER) == Some(&st.cluster_id))
+        .filter_map(|n| n.labels.get(labels::NETWORK).map(|id| (id.as_str(), n)))
+        .collect();
+    for row in &rows {
+        if !row.docker_id.is_empty() {
+            continue;
+        }
+        match by_id.get(row.id.as_str()) {
+            Some(inv) => {
+                let _ = st.store.set_network_docker_id(&row.id, &inv.docker_id);
+            }
+            None if row.created_at < st.started_at => {
+                if let Ok(subnet) = row.subnet.parse::<ipnet::Ipv4Net>() {
+                    let _ = st.store.release_subnet(&subnet);
+                }
+                let _ = st.store.delete_network(&row.id);
+            }
+            None => {}
+        }
+    }
+    for (id, inv) in &by_id {
+        if !row_ids.contains(id) {
+            let r = st
+                .hub
+                .call(
+                    node_id,
+                    kisara_api::agent::Operation::RemoveNetwork {
+                        docker_id: inv.docker_id.clone(),
+                    },
+                    std::time::Duration::from_secs(30),
+                )
+                .await;
+            tracing::info!(node = %node_id, network = %inv.name, removed = r.is_ok(),
+                "network of an interrupted launch");
+        }
+    }
 }

@@ -134,7 +134,13 @@ async fn serve_agent(state: Arc<AppState>, mut socket: WebSocket) {
     let (tx, mut rx) = mpsc::channel::<ServerMessage>(1024);
     let session = Arc::new(NodeSession::new(node_id.clone(), hello, tx, now()));
     state.hub.register(session.clone());
+    state.events.node_connected(&session);
+    if let Err(e) = state.placement.refresh_node(&state.store, &node_id) {
+        tracing::warn!(%node_id, error = %e, "could not refresh the node's scheduling facts");
+    }
+    state.placement.connected(&node_id, now());
     tracing::info!(node = %node_id, name = %session.hello.name, "node connected");
+    crate::warm::refill(&state, &node_id);
 
     let (mut sink, mut stream) = socket.split();
     let writer = tokio::spawn(async move {
@@ -169,8 +175,13 @@ async fn serve_agent(state: Arc<AppState>, mut socket: WebSocket) {
         };
         match msg {
             AgentMessage::Hello(_) => {}
-            AgentMessage::Heartbeat { status } => {
+            AgentMessage::Heartbeat { status, images } => {
+                state.events.node_heartbeat(&node_id, &status);
+                state.placement.heartbeat(&node_id, &status, now());
                 session.heartbeat(status, now());
+                if let Some(images) = images {
+                    state.placement.set_images(&node_id, images);
+                }
             }
             AgentMessage::Inventory {
                 containers,
@@ -179,7 +190,12 @@ async fn serve_agent(state: Arc<AppState>, mut socket: WebSocket) {
                 let state = state.clone();
                 let node_id = node_id.clone();
                 tokio::spawn(async move {
-                    crate::reconcile::reconcile_node(&state, &node_id, &containers, &networks);
+                    crate::reconcile::reconcile_node(&state, &node_id, &containers, &networks)
+                        .await;
+                    // Containers found gone (or back) change what the node holds.
+                    if let Err(e) = state.placement.resync_node(&state.store, &node_id) {
+                        tracing::warn!(%node_id, error = %e, "could not resync the node's allocations");
+                    }
                 });
             }
             AgentMessage::Reply { id, result } => session.deliver_reply(id, result),
@@ -189,9 +205,14 @@ async fn serve_agent(state: Arc<AppState>, mut socket: WebSocket) {
             AgentMessage::StreamEnd { id, error } => {
                 session.deliver_stream(id, StreamEvent::End(error)).await
             }
+            AgentMessage::ContainerEvent { event } => state.events.container_event(&node_id, event),
         }
     }
-    state.hub.unregister(&session);
+    // A session that another of the same node replaced is not a disconnect of the node.
+    if state.hub.unregister(&session) {
+        state.placement.disconnected(&node_id, now());
+        state.events.node_disconnected(&session);
+    }
     let _ = state.store.update_node_seen(&node_id, now());
     writer.abort();
     tracing::info!(node = %node_id, "node disconnected");

@@ -12,10 +12,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ipnet::Ipv4Net;
 use kisara_api::agent::Hello;
 use kisara_api::{Container, ContainerState, EngineInfo, Network, PortBinding};
-use kisara_core::pool::{SubnetPool, TakenSet};
+use kisara_core::pool::{SubnetPool, TakenIndex, TakenSet};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+mod events;
+mod launch;
+pub use events::{AttemptOutcome, DeliveryCounts, PendingDelivery, WebhookRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,11 +49,33 @@ pub struct NodeRecord {
     pub agent_version: String,
     pub created_at: i64,
     pub last_seen: i64,
+    /// Set by the operator: nothing new is placed here.
+    pub cordoned: bool,
+    /// Set by the operator: cordoned and being emptied.
+    pub draining: bool,
+    /// The operator's label changes over the agent's labels: a value sets, `None` removes.
+    pub label_overrides: BTreeMap<String, Option<String>>,
+}
+
+impl NodeRecord {
+    /// The agent's labels with the operator's changes applied.
+    pub fn effective_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.labels.clone();
+        for (k, v) in &self.label_overrides {
+            match v {
+                Some(v) => labels.insert(k.clone(), v.clone()),
+                None => labels.remove(k),
+            };
+        }
+        labels
+    }
 }
 
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// The subnets table in memory (locked after `conn`, never before).
+    subnets: Arc<Mutex<Option<SubnetCache>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -61,7 +87,13 @@ impl std::fmt::Debug for Store {
 /// Schema migrations, tracked in SQLite's `user_version`: entry `i` takes a database from
 /// version `i` to `i + 1`. Append only; never edit a step that has shipped, since files written
 /// by it exist.
-const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
+const MIGRATIONS: &[&str] = &[
+    MIGRATION_1,
+    MIGRATION_2,
+    events::MIGRATION_EVENTS,
+    MIGRATION_SCHEDULING,
+    launch::MIGRATION_LAUNCH,
+];
 
 const MIGRATION_1: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -127,6 +159,25 @@ CREATE INDEX IF NOT EXISTS networks_node ON networks(node_id);
 CREATE INDEX IF NOT EXISTS networks_owned_by ON networks(owned_by);
 "#;
 
+/// Scheduling: the operator's flags and label changes on nodes, and what each container
+/// reserved (so the server's allocation ledger can be rebuilt at start).
+const MIGRATION_SCHEDULING: &str = r#"
+ALTER TABLE nodes ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN label_overrides TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE containers ADD COLUMN memory_mb INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE containers ADD COLUMN cpu_milli INTEGER NOT NULL DEFAULT 0;
+"#;
+
+/// What one container reserved on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerReservation {
+    pub id: String,
+    pub node_id: String,
+    pub memory_mb: u64,
+    pub cpu_milli: u64,
+}
+
 /// `holder` of subnets that an engine reported in use outside Kisara (see
 /// [`Store::mark_subnet_external`]).
 pub const EXTERNAL_HOLDER: &str = "external";
@@ -139,6 +190,47 @@ pub struct SubnetAllocation {
     pub holder: String,
     /// Unix seconds; 0 for rows written before this was recorded.
     pub created_at: i64,
+}
+
+/// The subnets table in memory, so an allocation neither reads every row nor walks the pool
+/// from its start. Valid while `generation` matches the counter that triggers on the table
+/// keep (see `Store::init`); any change it did not make itself reloads it.
+struct SubnetCache {
+    generation: i64,
+    taken: TakenIndex,
+    /// Per pool: the lowest position in it that may be free.
+    hints: Vec<(SubnetPool, u64)>,
+}
+
+impl SubnetCache {
+    fn hint(&self, pool: &SubnetPool) -> u64 {
+        self.hints
+            .iter()
+            .find(|(p, _)| p == pool)
+            .map_or(0, |(_, h)| *h)
+    }
+
+    fn set_hint(&mut self, pool: &SubnetPool, hint: u64) {
+        match self.hints.iter_mut().find(|(p, _)| p == pool) {
+            Some((_, h)) => *h = hint,
+            None => self.hints.push((pool.clone(), hint)),
+        }
+    }
+
+    /// A subnet came free: positions at or after it may be free again.
+    fn freed(&mut self, net: &Ipv4Net) {
+        for (pool, hint) in &mut self.hints {
+            match pool.position(net) {
+                Some(pos) => *hint = (*hint).min(pos),
+                // A subnet outside the pool can still have blocked pool members.
+                None => *hint = 0,
+            }
+        }
+    }
+}
+
+fn subnet_generation(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row("SELECT n FROM temp.subnet_generation", [], |r| r.get(0))?)
 }
 
 /// Turns "not found" into `None`, for callers to whom absence is not an error.
@@ -233,7 +325,20 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
+        // Every change to the subnets table, by any statement of this connection, bumps a
+        // counter: the in-memory copy is trusted only while the counter is where it left it.
+        conn.execute_batch(
+            "CREATE TEMP TABLE subnet_generation(n INTEGER NOT NULL);
+             INSERT INTO subnet_generation VALUES (0);
+             CREATE TEMP TRIGGER subnets_ins AFTER INSERT ON main.subnets
+                 BEGIN UPDATE subnet_generation SET n = n + 1; END;
+             CREATE TEMP TRIGGER subnets_del AFTER DELETE ON main.subnets
+                 BEGIN UPDATE subnet_generation SET n = n + 1; END;
+             CREATE TEMP TRIGGER subnets_upd AFTER UPDATE ON main.subnets
+                 BEGIN UPDATE subnet_generation SET n = n + 1; END;",
+        )?;
         Ok(Store {
+            subnets: Default::default(),
             conn: Arc::new(Mutex::new(conn)),
         })
     }
@@ -347,11 +452,43 @@ impl Store {
             agent_version: r.get(6)?,
             created_at: r.get(7)?,
             last_seen: r.get(8)?,
+            cordoned: r.get(9)?,
+            draining: r.get(10)?,
+            label_overrides: from_json(&r.get::<_, String>(11)?),
         })
     }
 
     const NODE_COLS: &'static str = "id, name, public_address, labels, max_containers, engine, \
-                                     agent_version, created_at, last_seen";
+                                     agent_version, created_at, last_seen, cordoned, draining, \
+                                     label_overrides";
+
+    /// Sets the operator's scheduling flags of a node.
+    pub fn set_node_flags(&self, id: &str, cordoned: bool, draining: bool) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE nodes SET cordoned = ?2, draining = ?3 WHERE id = ?1",
+            params![id, cordoned, draining],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("unknown node {id}")));
+        }
+        Ok(())
+    }
+
+    /// Replaces the operator's label changes of a node (see [`NodeRecord::label_overrides`]).
+    pub fn set_node_label_overrides(
+        &self,
+        id: &str,
+        overrides: &BTreeMap<String, Option<String>>,
+    ) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE nodes SET label_overrides = ?2 WHERE id = ?1",
+            params![id, json(overrides)],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("unknown node {id}")));
+        }
+        Ok(())
+    }
 
     pub fn node_by_id(&self, id: &str) -> Result<Option<NodeRecord>> {
         let sql = format!("SELECT {} FROM nodes WHERE id = ?1", Self::NODE_COLS);
@@ -381,27 +518,43 @@ impl Store {
 
     /// `Conflict` if a container with this id exists.
     pub fn insert_container(&self, c: &Container) -> Result<()> {
-        let r = self.conn().execute(
-            "INSERT INTO containers(id, docker_id, node_id, name, image, owner, module, labels,
-                 network, ip_address, state, status, ports, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            params![
-                c.id,
-                c.docker_id,
-                c.node_id,
-                c.name,
-                c.image,
-                c.owner,
-                c.module,
-                json(&c.labels),
-                c.network,
-                c.ip_address,
-                state_str(c.state),
-                c.status,
-                json(&c.ports),
-                c.created_at
-            ],
-        );
+        self.insert_container_reserved(c, 0, 0)
+    }
+
+    /// Inserts a container with what it reserved on its node (memory MiB, cpu millicores).
+    pub fn insert_container_reserved(
+        &self,
+        c: &Container,
+        memory_mb: u64,
+        cpu_milli: u64,
+    ) -> Result<()> {
+        let r = self
+            .conn()
+            .prepare_cached(
+                "INSERT INTO containers(id, docker_id, node_id, name, image, owner, module, labels,
+                 network, ip_address, state, status, ports, created_at, memory_mb, cpu_milli)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    c.id,
+                    c.docker_id,
+                    c.node_id,
+                    c.name,
+                    c.image,
+                    c.owner,
+                    c.module,
+                    json(&c.labels),
+                    c.network,
+                    c.ip_address,
+                    state_str(c.state),
+                    c.status,
+                    json(&c.ports),
+                    c.created_at,
+                    memory_mb as i64,
+                    cpu_milli as i64
+                ])
+            });
         match r {
             Ok(_) => Ok(()),
             Err(e) if is_constraint(&e) => Err(StoreError::Conflict(format!(
@@ -571,6 +724,27 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("no such container: {id}")))
     }
 
+    /// What every container not found gone reserved; with `node_id`, on that node only.
+    pub fn container_reservations(
+        &self,
+        node_id: Option<&str>,
+    ) -> Result<Vec<ContainerReservation>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, node_id, memory_mb, cpu_milli FROM containers
+             WHERE state != 'gone' AND (?1 IS NULL OR node_id = ?1)",
+        )?;
+        let rows = stmt.query_map(params![node_id], |r| {
+            Ok(ContainerReservation {
+                id: r.get(0)?,
+                node_id: r.get(1)?,
+                memory_mb: r.get::<_, i64>(2)?.max(0) as u64,
+                cpu_milli: r.get::<_, i64>(3)?.max(0) as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     pub fn delete_container(&self, id: &str) -> Result<()> {
         self.conn()
             .execute("DELETE FROM containers WHERE id = ?1", [id])?;
@@ -657,6 +831,55 @@ impl Store {
     }
 
     /// Networks made for one container or instance (`owned_by`), which go with it.
+    /// Spare networks of a node: carrying the `spare` label and not yet claimed.
+    pub fn spare_networks(&self, node_id: &str, spare_label: &str) -> Result<Vec<Network>> {
+        Ok(self
+            .list_networks(Some(node_id))?
+            .into_iter()
+            .filter(|n| n.owned_by.is_none() && n.labels.contains_key(spare_label))
+            .collect())
+    }
+
+    /// Claims one spare network of `node_id` for `owner`, atomically: two launches never get
+    /// the same network.
+    pub fn claim_spare_network(
+        &self,
+        node_id: &str,
+        spare_label: &str,
+        owner: &str,
+    ) -> Result<Option<Network>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let candidate = {
+            let sql = format!(
+                "SELECT {} FROM networks WHERE node_id = ?1 AND owned_by IS NULL
+                   AND docker_id != '' ORDER BY created_at, id",
+                Self::NETWORK_COLS
+            );
+            let mut stmt = tx.prepare(&sql)?;
+            let rows = stmt.query_map([node_id], Self::network_row)?;
+            let mut found = None;
+            for n in rows {
+                let n = n?;
+                if n.labels.contains_key(spare_label) {
+                    found = Some(n);
+                    break;
+                }
+            }
+            found
+        };
+        let Some(mut net) = candidate else {
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE networks SET owned_by = ?2 WHERE id = ?1",
+            params![net.id, owner],
+        )?;
+        tx.commit()?;
+        net.owned_by = Some(owner.to_string());
+        Ok(Some(net))
+    }
+
     pub fn networks_owned_by(&self, owner: &str) -> Result<Vec<Network>> {
         let sql = format!(
             "SELECT {} FROM networks WHERE owned_by = ?1 ORDER BY created_at, id",
@@ -718,20 +941,58 @@ impl Store {
     ) -> Result<Ipv4Net> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut taken = Self::allocated(&tx)?;
-        taken.extend_from_slice(extra_taken);
-        let taken = TakenSet::new(taken);
-        let net = pool.next_free(&|n| taken.overlaps(n)).ok_or_else(|| {
-            StoreError::Exhausted(format!(
+        // The table in memory, reloaded only when something changed it behind the cache.
+        let generation = subnet_generation(&tx)?;
+        let mut cache = self.subnets.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.as_ref().is_none_or(|c| c.generation != generation) {
+            *cache = Some(SubnetCache {
+                generation,
+                taken: TakenIndex::new(Self::allocated(&tx)?),
+                hints: Vec::new(),
+            });
+        }
+        let Some(c) = cache.as_mut() else {
+            return Err(StoreError::Corrupt("subnet cache".into()));
+        };
+        let extra = TakenSet::new(extra_taken.iter().copied());
+        // The first free subnet in pool order, as before, but starting from the lowest
+        // position that may be free instead of from the start of the pool.
+        let mut hint = c.hint(pool);
+        let mut found = None;
+        let mut below_all_taken = true;
+        let mut i = hint;
+        while let Some(n) = pool.nth(i) {
+            if c.taken.overlaps(&n) {
+                if below_all_taken {
+                    hint = i + 1;
+                }
+            } else {
+                below_all_taken = false;
+                if !extra.overlaps(&n) {
+                    found = Some((i, n));
+                    break;
+                }
+            }
+            i += 1;
+        }
+        c.set_hint(pool, hint);
+        let Some((index, net)) = found else {
+            return Err(StoreError::Exhausted(format!(
                 "the subnet pool {pool} is exhausted: every subnet is allocated or used on the \
                  engine"
-            ))
-        })?;
+            )));
+        };
         tx.execute(
             "INSERT INTO subnets(subnet, holder, created_at) VALUES (?1, ?2, ?3)",
             params![net.to_string(), holder, unix_now()],
         )?;
+        let after = subnet_generation(&tx)?;
         tx.commit()?;
+        c.taken.insert(&net);
+        c.generation = after;
+        if index == hint {
+            c.set_hint(pool, index + 1);
+        }
         Ok(net)
     }
 
@@ -766,10 +1027,37 @@ impl Store {
     /// Returns a subnet to the pool (or forgets an external one). Releasing a subnet that is
     /// not allocated is not an error, so cleanup paths can be retried.
     pub fn release_subnet(&self, net: &Ipv4Net) -> Result<()> {
-        self.conn().execute(
+        let conn = self.conn();
+        let before = subnet_generation(&conn)?;
+        let n = conn.execute(
             "DELETE FROM subnets WHERE subnet = ?1",
             [net.trunc().to_string()],
         )?;
+        self.after_subnet_write(&conn, before, |c| {
+            if n > 0 {
+                c.taken.remove(net);
+                c.freed(net);
+            }
+        })
+    }
+
+    /// Applies our own change to the cached table, or drops the cache when the table changed
+    /// in some other way since it was read.
+    fn after_subnet_write(
+        &self,
+        conn: &Connection,
+        before: i64,
+        apply: impl FnOnce(&mut SubnetCache),
+    ) -> Result<()> {
+        let after = subnet_generation(conn)?;
+        let mut cache = self.subnets.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.as_mut() {
+            Some(c) if c.generation == before => {
+                apply(c);
+                c.generation = after;
+            }
+            _ => *cache = None,
+        }
         Ok(())
     }
 
@@ -778,11 +1066,18 @@ impl Store {
     /// engine reports Kisara's own networks too); a subnet already recorded, under any holder,
     /// is left alone. Returns whether a row was added.
     pub fn mark_subnet_external(&self, net: &Ipv4Net) -> Result<bool> {
-        let n = self.conn().execute(
+        let conn = self.conn();
+        let before = subnet_generation(&conn)?;
+        let n = conn.execute(
             "INSERT INTO subnets(subnet, holder, created_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(subnet) DO NOTHING",
             params![net.trunc().to_string(), EXTERNAL_HOLDER, unix_now()],
         )?;
+        self.after_subnet_write(&conn, before, |c| {
+            if n > 0 {
+                c.taken.insert(&net.trunc());
+            }
+        })?;
         Ok(n > 0)
     }
 

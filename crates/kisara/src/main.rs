@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bundle_cmd;
 mod cli;
 mod daemon;
 
@@ -28,6 +29,19 @@ enum Command {
     /// Run a node agent (`kisara node --server URL --join-token T`), or inspect nodes
     /// (`kisara node ls|inspect`).
     Node(NodeCli),
+    /// Build a bundle (cluster image) from a Kisarafile.
+    Build(bundle_cmd::BuildArgs),
+    /// Write a bundle to a file (an OCI image layout in a tar, optionally zstd).
+    Save(bundle_cmd::SaveArgs),
+    /// Read a saved bundle into the local bundle store (every blob is checked).
+    Load(bundle_cmd::LoadArgs),
+    /// Push a bundle to an OCI registry.
+    Push(bundle_cmd::PushArgs),
+    /// Pull a bundle from an OCI registry.
+    Pull(bundle_cmd::PullArgs),
+    /// Bundles: ls, inspect, rm, tag, images (into nodes), up, down.
+    #[command(subcommand)]
+    Bundle(bundle_cmd::BundleCommand),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -62,6 +76,12 @@ fn main() {
                 verb: Some(verb), ..
             }) => cli::run(cli.client, cli::ClientCommand::Node(verb)).await,
             Command::Node(NodeCli { agent, .. }) => daemon::node(agent).await.map(|_| 0),
+            Command::Build(a) => bundle_cmd::build(cli.client, a).await,
+            Command::Save(a) => bundle_cmd::save(cli.client, a).await,
+            Command::Load(a) => bundle_cmd::load(cli.client, a).await,
+            Command::Push(a) => bundle_cmd::push(cli.client, a).await,
+            Command::Pull(a) => bundle_cmd::pull(cli.client, a).await,
+            Command::Bundle(c) => bundle_cmd::bundle(cli.client, c).await,
             Command::Client(c) => cli::run(cli.client, c).await,
         };
         match result {

@@ -53,6 +53,33 @@ impl Proc {
     }
 }
 
+/// Removes, when dropped, every network the named nodes' warm pools left on the engine.
+/// Declared before the processes, so it runs after they are killed.
+#[derive(Default)]
+struct NetCleanup(std::cell::RefCell<Vec<String>>);
+
+impl NetCleanup {
+    fn node(&self, id: &str) {
+        self.0.borrow_mut().push(id.to_string());
+    }
+}
+
+impl Drop for NetCleanup {
+    fn drop(&mut self) {
+        for node in self.0.borrow().iter() {
+            let out = Command::new("docker")
+                .args(["network", "ls", "-q", "--filter"])
+                .arg(format!("label=io.kisara.node={node}"))
+                .output();
+            if let Ok(out) = out {
+                for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("docker").args(["network", "rm", id]).output();
+                }
+            }
+        }
+    }
+}
+
 fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
@@ -124,6 +151,7 @@ fn docker_running(id: &str) -> bool {
 
 #[test]
 fn up_runs_serves_the_cli_and_survives_restart() {
+    let nets = NetCleanup::default();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let dir_s = dir.to_str().unwrap();
@@ -132,6 +160,7 @@ fn up_runs_serves_the_cli_and_survives_restart() {
     let url = format!("http://{listen}");
     let mut up = spawn(&["up", "--data-dir", dir_s, "--listen", &listen], &[]);
     let node = wait_ready(&url, &dir, "local");
+    nets.node(&node.id);
     assert_eq!(mode(&dir.join("admin.token")), 0o600);
     assert_eq!(mode(&dir.join("join.token")), 0o600);
 
@@ -202,6 +231,7 @@ fn up_runs_serves_the_cli_and_survives_restart() {
 
 #[test]
 fn server_and_node_as_separate_processes() {
+    let nets = NetCleanup::default();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("server");
     let node_dir = tmp.path().join("node");
@@ -246,6 +276,17 @@ fn server_and_node_as_separate_processes() {
     let args: Vec<String> = node_args(true);
     let mut node = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     let n = wait_ready(&url, &dir, "n1");
+    nets.node(&n.id);
+    // The server counts the node ready as soon as it sends the welcome; the agent writes its
+    // credential right after receiving it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node_dir.join("node.json").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "node never stored its credential"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(mode(&node_dir.join("node.json")), 0o600);
 
     let c: Container = json(&kisara(

@@ -292,10 +292,12 @@ fn a_server_killed_mid_burst_leaves_no_orphaned_or_lost_containers() {
         let finished = finished.clone();
         threads.push(std::thread::spawn(move || {
             if let Some(out) = output_within(&mut cmd, Duration::from_secs(120)) {
-                if out.status.success() {
-                    if let Ok(c) = serde_json::from_slice::<Container>(&out.stdout) {
-                        acked.lock().unwrap().push(c);
-                    }
+                match serde_json::from_slice::<Container>(&out.stdout) {
+                    Ok(c) if out.status.success() => acked.lock().unwrap().push(c),
+                    _ => eprintln!(
+                        "a launch failed (expected around the kill): {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
                 }
             }
             finished.fetch_add(1, Ordering::SeqCst);

@@ -270,3 +270,166 @@ async fn server_restart_keeps_containers_and_reconciles() {
     k.assert_clean().await;
     k.stop().await;
 }
+
+/// Polls (bounded) until the node has `want` unclaimed spare networks; returns them.
+async fn spares(k: &TestCluster, want: usize) -> Vec<kisara_api::Network> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = k
+            .client
+            .list_networks_filtered(&kisara_api::NetworkFilter {
+                node: None,
+                all: Some(true),
+            })
+            .await
+            .unwrap()
+            .items;
+        let s: Vec<_> = all
+            .into_iter()
+            .filter(|n| n.owned_by.is_none() && n.labels.contains_key(kisara_api::labels::SPARE))
+            .collect();
+        if s.len() == want {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "warm pool has {} spares, want {want}",
+            s.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_hands_out_spare_networks_and_refills() {
+    let k = TestCluster::start_with("[server]\nwarm_networks = 2\n").await;
+    let before = spares(&k, 2).await;
+    // Spares are hidden from the normal list.
+    assert!(k.client.list_networks(None).await.unwrap().items.is_empty());
+    let c = k.client.launch(&httpd_request()).await.expect("launch");
+    let net = c.network.clone().unwrap();
+    assert!(
+        before.iter().any(|n| n.name == net),
+        "{net} was not a spare"
+    );
+    // The claimed network is the container's own now, and the pool is topped up.
+    let owned = k.client.network(&net).await.unwrap();
+    assert_eq!(owned.owned_by.as_deref(), Some(c.id.as_str()));
+    let after = spares(&k, 2).await;
+    assert!(after.iter().all(|n| n.name != net));
+    assert!(http_get("127.0.0.1", c.ports[0].public_port)
+        .await
+        .contains("kisara-test"));
+    // Outbound traffic asked for: never a spare (spares have it off).
+    let d = k
+        .client
+        .launch(&LaunchRequest {
+            internet: true,
+            ..httpd_request()
+        })
+        .await
+        .expect("launch with internet");
+    assert_eq!(
+        d.network.as_deref(),
+        Some(format!("kisara-{}", d.id).as_str())
+    );
+    assert!(
+        k.client
+            .network(&format!("kisara-{}", d.id))
+            .await
+            .unwrap()
+            .internet
+    );
+    // Stop removes the claimed network; it never goes back to the pool.
+    k.client.stop(&c.id).await.unwrap();
+    k.client.stop(&d.id).await.unwrap();
+    assert_eq!(
+        k.client.network(&net).await.unwrap_err().status(),
+        Some(404)
+    );
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_launches_are_settled_on_restart() {
+    let k = TestCluster::start_with("[server]\nwarm_networks = 0\n").await;
+    let c = k.client.launch(&httpd_request()).await.expect("launch");
+    let node_id = c.node_id.clone();
+    let stale = ipnet::Ipv4Net::new("10.254.240.0".parse().unwrap(), 24).unwrap();
+    // Stage what a server killed mid-launch leaves: (1) a container the node made whose row
+    // still says launching, (2) a launch row the node never heard of, from before the crash,
+    // (3) a subnet allocated for a network whose row was never written.
+    let k = k
+        .restart_editing(|store| {
+            let mut half = c.clone();
+            half.docker_id = String::new();
+            half.state = ContainerState::Launching;
+            half.ports.clear();
+            store.complete_container(&half).unwrap();
+            let mut never = c.clone();
+            never.id = "deadbeef0001".into();
+            never.name = "never-made".into();
+            never.docker_id = String::new();
+            never.state = ContainerState::Launching;
+            never.created_at = 1;
+            store.insert_container(&never).unwrap();
+            store.reserve_subnet(&stale, "no-such-network").unwrap();
+        })
+        .await;
+    // The container the node has is adopted, with its ports, and still serves.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let adopted = loop {
+        let x = k.client.container(&c.id).await.unwrap();
+        if x.state == ContainerState::Running {
+            break x;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not adopted: {x:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(adopted.docker_id, c.docker_id);
+    assert_eq!(adopted.ports, c.ports);
+    assert_eq!(adopted.node_id, node_id);
+    // The launch that never reached the node is dropped, and the orphan subnet released.
+    let e = k.client.container("deadbeef0001").await.unwrap_err();
+    assert_eq!(e.status(), Some(404));
+    let k = k
+        .restart_editing(|store| {
+            assert!(!store.allocated_subnets().unwrap().contains(&stale));
+        })
+        .await;
+    k.client.stop(&c.id).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_never_launches_twice() {
+    let k = TestCluster::start().await;
+    let req = LaunchRequest {
+        idempotency_key: Some(format!("retry-{}", k.cluster_id)),
+        ..httpd_request()
+    };
+    let a = k.client.launch(&req).await.expect("first");
+    let b = k.client.launch(&req).await.expect("retry");
+    assert_eq!(a.id, b.id);
+    assert_eq!(a.docker_id, b.docker_id);
+    // The header form works too, and finds the same container.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/v1/containers", k.url))
+        .bearer_auth(&k.token)
+        .header("Idempotency-Key", format!("retry-{}", k.cluster_id))
+        .json(&httpd_request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let c: kisara_api::Container = r.json().await.unwrap();
+    assert_eq!(c.id, a.id);
+    let (cs, _) = k.leftovers().await;
+    assert_eq!(cs.len(), 1, "launched more than once");
+    k.client.stop(&a.id).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}

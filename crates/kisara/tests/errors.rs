@@ -298,3 +298,54 @@ async fn nodes_images_and_networks() {
     k.assert_clean().await;
     k.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_nodes_placements_failures_and_latency() {
+    let k = TestCluster::start().await;
+    let http = reqwest::Client::new();
+    let scrape = || async {
+        let r = http
+            .get(format!("{}/metrics", k.url))
+            .bearer_auth(&k.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    };
+    // Like every route but /healthz, metrics need the token.
+    let r = http.get(format!("{}/metrics", k.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let c = k.client.launch(&sleeper()).await.expect("launch");
+    expect_err(
+        k.client
+            .launch(&LaunchRequest {
+                node: Some("no-such-node".into()),
+                ..sleeper()
+            })
+            .await,
+        404,
+        "no-such-node",
+    );
+    let text = scrape().await;
+    assert!(text.contains("kisara_nodes{state=\"ready\"} 1"), "{text}");
+    assert!(text.contains("kisara_placements_total 1"), "{text}");
+    assert!(
+        text.contains("kisara_placement_failures_total{code=\"not_found\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "kisara_containers{{node=\"{}\",state=\"running\"}} 1",
+            c.node_id
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("kisara_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/containers\",status=\"201\"} 1"),
+        "{text}"
+    );
+    k.client.stop(&c.id).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use kisara_api::agent::{InventoryContainer, LogChunk, Operation, Reply};
@@ -35,8 +35,26 @@ pub const LIST_DEADLINE: Duration = Duration::from_secs(3);
               (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn launch(
     State(st): State<Arc<AppState>>,
-    ApiJson(req): ApiJson<LaunchRequest>,
+    headers: HeaderMap,
+    ApiJson(mut req): ApiJson<LaunchRequest>,
 ) -> ApiResult<(StatusCode, Json<Container>)> {
+    if req.idempotency_key.is_none() {
+        req.idempotency_key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty());
+    }
+    if let Some(key) = &req.idempotency_key {
+        if key.len() > 200 {
+            return Err(ApiError::bad_request(
+                "idempotency key is longer than 200 characters",
+            ));
+        }
+        if let Some(done) = replay(&st, key)? {
+            return Ok(done);
+        }
+    }
     let id = new_id();
     // Resolve where it goes before anything is created.
     let existing_network = match &req.network {
@@ -47,7 +65,7 @@ pub async fn launch(
         ),
         None => None,
     };
-    let node_id = match &existing_network {
+    let forced_node = match &existing_network {
         Some(net) => {
             if let Some(want) = &req.node {
                 let node = placement::resolve_node(&st, want)?;
@@ -58,48 +76,171 @@ pub async fn launch(
                     )));
                 }
             }
-            net.node_id.clone()
+            Some(net.node_id.clone())
         }
-        None => placement::choose_node(&st, req.node.as_deref())?,
+        None => None,
     };
+    // Room on the node is reserved before anything is created; the reservation is released
+    // when this function returns without committing it.
+    let reservation = match placement::reserve_container(&st, &id, &req, forced_node) {
+        Ok(r) => r,
+        Err(e) => {
+            st.metrics.placement_failed(&e.code);
+            return Err(e);
+        }
+    };
+    let node_id = reservation.node_id().to_string();
     let session = st
         .hub
         .get(&node_id)
         .ok_or_else(|| ApiError::node_unavailable(format!("node {node_id} is not connected")))?;
-    let network_name = match &existing_network {
-        Some(net) => net.name.clone(),
-        None => format!("kisara-{id}"),
-    };
-    let ctx = LaunchContext {
+    // Validation (and the hardening policy) run before any side effect; the network name is
+    // settled below, once we know whether a spare was free.
+    let mut ctx = LaunchContext {
         cluster_id: st.cluster_id.clone(),
         container_id: id.clone(),
         node_id: node_id.clone(),
         generated_name: format!("kisara-{id}"),
-        network: Some(network_name.clone()),
+        network: None,
     };
-    // Validation (and the hardening policy) run before any side effect.
-    let config = policy::container_config(&req, &st.settings, &ctx)?;
+    policy::container_config(&req, &st.settings, &ctx)?;
 
-    let owned_network = if existing_network.is_none() {
-        let mut labels = std::collections::BTreeMap::new();
-        labels.insert(kisara_api::labels::OWNED_BY.to_string(), id.clone());
-        Some(
-            super::networks::create_on_node(
-                &st,
+    // Intent first: the row exists before any engine object does, so a crash at any later
+    // point is settled by reconciliation instead of leaving an orphan.
+    let mut container = Container {
+        id: id.clone(),
+        docker_id: String::new(),
+        name: req
+            .name
+            .clone()
+            .unwrap_or_else(|| ctx.generated_name.clone()),
+        node_id: node_id.clone(),
+        image: req.image.clone(),
+        owner: req.owner.clone(),
+        module: req.module.clone(),
+        labels: req.labels.clone(),
+        network: None,
+        ip_address: None,
+        state: ContainerState::Launching,
+        status: "launching".into(),
+        ports: Vec::new(),
+        host_port: String::new(),
+        created_at: now(),
+    };
+    let reserved = reservation.resources();
+    st.store
+        .insert_container_reserved(&container, reserved.memory_mb, reserved.cpu_milli)?;
+    if let Some(key) = &req.idempotency_key {
+        if let Err(e) = st.store.set_idempotency_key(&id, key) {
+            // A concurrent request with the same key won the race: answer with its result.
+            let _ = st.store.delete_container(&id);
+            if let Some(done) = replay(&st, key)? {
+                return Ok(done);
+            }
+            return Err(e.into());
+        }
+    }
+    match launch_on_node(
+        &st,
+        &req,
+        &mut ctx,
+        &mut container,
+        existing_network,
+        &session,
+    )
+    .await
+    {
+        Ok(()) => {
+            reservation.commit();
+            st.metrics.placements.inc();
+            st.events.container_launched(&container);
+            tracing::info!(container = %id, node = %node_id, image = %req.image, "container launched");
+            Ok((StatusCode::CREATED, Json(container)))
+        }
+        Err(e) => {
+            let _ = st.store.delete_container(&id);
+            Err(e)
+        }
+    }
+}
+
+/// The answer to a retried launch: the first one's container, or 409 while it is in flight.
+fn replay(st: &AppState, key: &str) -> ApiResult<Option<(StatusCode, Json<Container>)>> {
+    match st.store.container_by_idempotency_key(key)? {
+        None => Ok(None),
+        Some(c) if c.state == ContainerState::Launching => Err(ApiError::conflict(format!(
+            "a launch with idempotency key {key:?} is still in progress"
+        ))),
+        Some(c) => Ok(Some((StatusCode::OK, Json(c)))),
+    }
+}
+
+/// Network, then container, on the node; on failure removes what it made (the caller drops
+/// the row).
+async fn launch_on_node(
+    st: &Arc<AppState>,
+    req: &LaunchRequest,
+    ctx: &mut LaunchContext,
+    container: &mut Container,
+    existing_network: Option<kisara_api::Network>,
+    session: &crate::hub::NodeSession,
+) -> ApiResult<()> {
+    let id = container.id.clone();
+    let node_id = container.node_id.clone();
+    // A network of its own: a spare from the warm pool when there is one (outbound traffic
+    // off, like every spare), else made now.
+    let owned_network = match (&existing_network, req.internet) {
+        (Some(_), _) => None,
+        (None, false) => crate::warm::claim(st, &node_id, &id),
+        (None, true) => None,
+    };
+    let owned_network = match (owned_network, &existing_network) {
+        (Some(net), _) => Some(net),
+        (None, Some(_)) => None,
+        (None, None) => {
+            let mut labels = std::collections::BTreeMap::new();
+            labels.insert(kisara_api::labels::OWNED_BY.to_string(), id.clone());
+            let made = super::networks::create_on_node(
+                st,
                 &node_id,
-                &network_name,
+                &format!("kisara-{id}"),
                 None,
                 false,
                 req.internet,
                 Some(id.clone()),
                 labels,
             )
-            .await?,
-        )
-    } else {
-        None
+            .await;
+            match made {
+                Ok(net) => Some(net),
+                // The last free subnets may be held by spares still being made: wait for
+                // one of them rather than failing.
+                Err(e) if e.code == codes::POOL_EXHAUSTED && !req.internet => Some(
+                    crate::warm::wait_for_spare(st, &node_id, &id)
+                        .await
+                        .ok_or(e)?,
+                ),
+                Err(e) => return Err(e),
+            }
+        }
     };
-
+    let network_name = match (&existing_network, &owned_network) {
+        (Some(net), _) | (None, Some(net)) => net.name.clone(),
+        (None, None) => format!("kisara-{id}"),
+    };
+    ctx.network = Some(network_name.clone());
+    let undo_network = |st: Arc<AppState>, net: Option<kisara_api::Network>| async move {
+        if let Some(net) = &net {
+            super::networks::destroy(&st, net).await;
+        }
+    };
+    let config = match policy::container_config(req, &st.settings, ctx) {
+        Ok(c) => c,
+        Err(e) => {
+            undo_network(st.clone(), owned_network).await;
+            return Err(e.into());
+        }
+    };
     let launched = st
         .hub
         .call(
@@ -119,31 +260,19 @@ pub async fn launch(
     let inv = match launched {
         Ok(inv) => inv,
         Err(e) => {
-            if let Some(net) = &owned_network {
-                super::networks::destroy(&st, net).await;
-            }
+            undo_network(st.clone(), owned_network).await;
             return Err(e);
         }
     };
-    let container = Container {
-        id: id.clone(),
-        docker_id: inv.docker_id.clone(),
-        name: inv.name.trim_start_matches('/').to_string(),
-        node_id: node_id.clone(),
-        image: req.image.clone(),
-        owner: req.owner.clone(),
-        module: req.module.clone(),
-        labels: req.labels.clone(),
-        network: Some(network_name),
-        ip_address: inv.ip_address.clone(),
-        state: ContainerState::from_docker(&inv.state),
-        status: inv.status.clone(),
-        ports: bindings(&inv, &session.hello.public_address),
-        host_port: String::new(),
-        created_at: now(),
-    };
-    let container = with_host_port(container);
-    if let Err(e) = st.store.insert_container(&container) {
+    container.docker_id = inv.docker_id.clone();
+    container.name = inv.name.trim_start_matches('/').to_string();
+    container.network = Some(network_name);
+    container.ip_address = inv.ip_address.clone();
+    container.state = ContainerState::from_docker(&inv.state);
+    container.status = inv.status.clone();
+    container.ports = bindings(&inv, &session.hello.public_address);
+    container.host_port = host_port_string(&container.ports);
+    if let Err(e) = st.store.complete_container(container) {
         // Keep Docker and the store in step: undo the launch.
         let _ = st
             .hub
@@ -156,13 +285,10 @@ pub async fn launch(
                 CALL_TIMEOUT,
             )
             .await;
-        if let Some(net) = &owned_network {
-            super::networks::destroy(&st, net).await;
-        }
+        undo_network(st.clone(), owned_network).await;
         return Err(e.into());
     }
-    tracing::info!(container = %id, node = %node_id, image = %req.image, "container launched");
-    Ok((StatusCode::CREATED, Json(container)))
+    Ok(())
 }
 
 /// Published ports as players see them: the node's advertised address and the host port.
@@ -176,11 +302,6 @@ pub fn bindings(inv: &InventoryContainer, public_address: &str) -> Vec<PortBindi
             public_port: p.host_port,
         })
         .collect()
-}
-
-fn with_host_port(mut c: Container) -> Container {
-    c.host_port = host_port_string(&c.ports);
-    c
 }
 
 /// Containers known to the store, their state refreshed from every node involved (in
@@ -256,7 +377,7 @@ async fn inventories(
 }
 
 fn refresh(c: &mut Container, live: Option<&HashMap<String, InventoryContainer>>) {
-    if c.state == ContainerState::Gone {
+    if matches!(c.state, ContainerState::Gone | ContainerState::Launching) {
         return;
     }
     match live {
@@ -284,7 +405,7 @@ pub async fn inspect(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Container>> {
     let mut c = st.store.get_container(&id)?;
-    if c.state != ContainerState::Gone {
+    if !matches!(c.state, ContainerState::Gone | ContainerState::Launching) {
         match st
             .hub
             .call(
@@ -322,7 +443,7 @@ pub async fn stop(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let c = st.store.get_container(&id)?;
-    if c.state != ContainerState::Gone {
+    if !matches!(c.state, ContainerState::Gone | ContainerState::Launching) {
         let r = st
             .hub
             .call(
@@ -364,6 +485,12 @@ fn tolerate_not_found(r: ApiResult<Reply>) -> ApiResult<()> {
 
 /// Removes the container on its node, then its own network, then the store's record.
 pub async fn remove_everything(st: &Arc<AppState>, c: &Container, force: bool) -> ApiResult<()> {
+    if c.state == ContainerState::Launching {
+        return Err(ApiError::conflict(format!(
+            "container {} is still being launched; try again in a moment",
+            c.id
+        )));
+    }
     if c.state != ContainerState::Gone {
         let r = st
             .hub
@@ -392,6 +519,8 @@ pub async fn remove_everything(st: &Arc<AppState>, c: &Container, force: bool) -
         }
     }
     st.store.delete_container(&c.id)?;
+    st.placement.release(&c.id);
+    st.events.container_stopped(c);
     tracing::info!(container = %c.id, "container removed");
     Ok(())
 }

@@ -83,7 +83,19 @@ pub async fn pull(
     ApiJson(req): ApiJson<PullRequest>,
 ) -> ApiResult<Response> {
     kisara_core::policy::validate_image_reference(&req.image)?;
-    let nodes = target_nodes(&st, req.node.as_deref())?;
+    let nodes = if req.nodes.is_empty() {
+        target_nodes(&st, req.node.as_deref())?
+    } else {
+        // `node` and `nodes` together name the targets, each once.
+        let mut v = Vec::new();
+        for n in req.node.iter().chain(req.nodes.iter()) {
+            let id = placement::resolve_node(&st, n)?;
+            if !v.contains(&id) {
+                v.push(id);
+            }
+        }
+        v
+    };
     if nodes.is_empty() {
         return Err(ApiError::no_node("no node is connected"));
     }
@@ -98,7 +110,9 @@ pub async fn pull(
                 },
             )
             .await?;
-        streams.push(node_progress(node, s));
+        let (st2, image) = (st.clone(), req.image.clone());
+        let on_done = move |node: &str| st2.placement.add_image(node, &image);
+        streams.push(node_progress(node, s, on_done));
     }
     let body = futures::stream::select_all(streams).map(|p| {
         let mut line = serde_json::to_vec(&p).unwrap_or_default();
@@ -115,32 +129,41 @@ pub async fn pull(
 fn node_progress(
     node: String,
     stream: crate::hub::AgentStream,
+    on_done: impl Fn(&str) + Send + Sync + 'static,
 ) -> futures::stream::BoxStream<'static, PullProgress> {
-    futures::stream::unfold(Some((node, stream)), |st| async move {
-        let (node, mut stream) = st?;
-        match stream.next().await {
-            Some(Ok(v)) => {
-                let mut p: PullProgress = serde_json::from_value(v).unwrap_or_default();
-                p.node_id = node.clone();
-                Some((p, Some((node, stream))))
+    let on_done = Arc::new(on_done);
+    futures::stream::unfold(Some((node, stream)), move |st| {
+        let on_done = on_done.clone();
+        async move {
+            let (node, mut stream) = st?;
+            match stream.next().await {
+                Some(Ok(v)) => {
+                    let mut p: PullProgress = serde_json::from_value(v).unwrap_or_default();
+                    p.node_id = node.clone();
+                    Some((p, Some((node, stream))))
+                }
+                Some(Err(e)) => Some((
+                    PullProgress {
+                        node_id: node,
+                        status: "error".into(),
+                        error: Some(e.message),
+                        ..Default::default()
+                    },
+                    None,
+                )),
+                None => {
+                    // The scheduler prefers nodes that hold the image.
+                    on_done(&node);
+                    Some((
+                        PullProgress {
+                            node_id: node,
+                            status: "done".into(),
+                            ..Default::default()
+                        },
+                        None,
+                    ))
+                }
             }
-            Some(Err(e)) => Some((
-                PullProgress {
-                    node_id: node,
-                    status: "error".into(),
-                    error: Some(e.message),
-                    ..Default::default()
-                },
-                None,
-            )),
-            None => Some((
-                PullProgress {
-                    node_id: node,
-                    status: "done".into(),
-                    ..Default::default()
-                },
-                None,
-            )),
         }
     })
     .boxed()

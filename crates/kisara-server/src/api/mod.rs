@@ -17,10 +17,13 @@ use utoipa_axum::routes;
 use crate::error::ApiError;
 use crate::{tokens, AppState};
 
+pub mod bundles;
 pub mod containers;
+pub mod events;
 pub mod images;
 pub mod networks;
 pub mod nodes;
+pub mod webhooks;
 
 /// JSON body extractor whose rejections are 400s in Kisara's error shape.
 pub struct ApiJson<T>(pub T);
@@ -102,14 +105,33 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
         .routes(routes!(networks::inspect, networks::remove))
         .routes(routes!(nodes::list))
         .routes(routes!(nodes::inspect))
+        .routes(routes!(bundles::list, bundles::upload))
+        .routes(routes!(bundles::inspect))
+        .routes(routes!(bundles::load_images))
+        .routes(routes!(nodes::cordon))
+        .routes(routes!(nodes::uncordon))
+        .routes(routes!(nodes::drain))
+        .routes(routes!(nodes::labels))
+        .routes(routes!(events::stream))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::remove))
+        .routes(routes!(webhooks::deliveries))
         .split_for_parts();
     let (public, public_spec) = OpenApiRouter::new()
         .routes(routes!(healthz))
+        // Authenticates on its own: agents fetch with their node credential.
+        .routes(routes!(bundles::images_tar))
         .split_for_parts();
     let mut spec = spec;
     spec.merge(public_spec);
     let protected = protected
         .route("/v1/openapi.json", get(crate::openapi::serve))
+        .route("/metrics", get(crate::metrics::serve))
+        // Timed per route template, inside the token check.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state.clone());
     let app = axum::Router::new()

@@ -43,7 +43,7 @@ pub async fn create(
         Some(s) => Some(parse_subnet(&st, s)?),
         None => None,
     };
-    let node_id = placement::choose_node(&st, req.node.as_deref())?;
+    let node_id = placement::choose_network_node(&st, req.node.as_deref(), &req.node_selector)?;
     if st.store.get_network(&req.name).is_ok() {
         return Err(ApiError::conflict(format!(
             "a network named {:?} already exists",
@@ -138,7 +138,7 @@ pub async fn create_on_node(
         _ => Vec::new(),
     };
     let mut attempt = 0;
-    let (subnet, docker_id) = loop {
+    loop {
         attempt += 1;
         let subnet = match explicit {
             Some(net) => {
@@ -157,6 +157,30 @@ pub async fn create_on_node(
                 .store
                 .allocate_subnet(&st.settings.subnet_pool, &engine_used, &id)?,
         };
+        // The row goes in before the engine makes the network (intent), so a crash between
+        // the two is settled by reconciliation, not leaked.
+        let mut net = Network {
+            id: id.clone(),
+            name: name.to_string(),
+            docker_id: String::new(),
+            node_id: node_id.to_string(),
+            subnet: subnet.to_string(),
+            gateway: subnet.hosts().next().map(|g| g.to_string()),
+            internal,
+            internet,
+            owned_by: owned_by.clone(),
+            from_pool: explicit.is_none(),
+            labels: labels.clone(),
+            created_at: now(),
+        };
+        if let Err(e) = st.store.insert_network(&net) {
+            let _ = st.store.release_subnet(&subnet);
+            return Err(e.into());
+        }
+        let forget = || {
+            let _ = st.store.delete_network(&id);
+            let _ = st.store.release_subnet(&subnet);
+        };
         let config = NetworkConfig {
             name: name.to_string(),
             subnet: subnet.to_string(),
@@ -170,15 +194,22 @@ pub async fn create_on_node(
             .call(node_id, Operation::CreateNetwork { config }, CALL_TIMEOUT)
             .await
         {
-            Ok(Reply::NetworkCreated { docker_id }) => break (subnet, docker_id),
+            Ok(Reply::NetworkCreated { docker_id }) => {
+                net.docker_id = docker_id;
+                if let Err(e) = st.store.set_network_docker_id(&id, &net.docker_id) {
+                    destroy(st, &net).await;
+                    return Err(e.into());
+                }
+                return Ok(net);
+            }
             Ok(other) => {
-                let _ = st.store.release_subnet(&subnet);
+                forget();
                 return Err(ApiError::internal(format!(
                     "unexpected reply to network create: {other:?}"
                 )));
             }
             Err(e) => {
-                let _ = st.store.release_subnet(&subnet);
+                forget();
                 if e.code == "subnet_overlap" && explicit.is_none() && attempt < OVERLAP_RETRIES {
                     engine_used.push(subnet);
                     continue;
@@ -186,26 +217,7 @@ pub async fn create_on_node(
                 return Err(e);
             }
         }
-    };
-    let net = Network {
-        id: id.clone(),
-        name: name.to_string(),
-        docker_id,
-        node_id: node_id.to_string(),
-        subnet: subnet.to_string(),
-        gateway: subnet.hosts().next().map(|g| g.to_string()),
-        internal,
-        internet,
-        owned_by,
-        from_pool: explicit.is_none(),
-        labels,
-        created_at: now(),
-    };
-    if let Err(e) = st.store.insert_network(&net) {
-        destroy(st, &net).await;
-        return Err(e.into());
     }
-    Ok(net)
 }
 
 /// Removes a network from its node, returns its subnet, forgets it. Best effort: used on
@@ -246,7 +258,15 @@ pub async fn list(
         Some(n) => Some(placement::resolve_node(&st, n)?),
         None => None,
     };
-    let items = st.store.list_networks(node.as_deref())?;
+    let all = q.all.unwrap_or(false);
+    let items = st
+        .store
+        .list_networks(node.as_deref())?
+        .into_iter()
+        .filter(|n| {
+            all || n.owned_by.is_some() || !n.labels.contains_key(kisara_api::labels::SPARE)
+        })
+        .collect();
     let node_errors: Vec<NodeError> = Vec::new();
     Ok(Json(ListResponse { items, node_errors }))
 }

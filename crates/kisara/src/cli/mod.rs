@@ -5,6 +5,7 @@
 //! one file per verb group; tables and formatting are in `output`.
 
 pub mod containers;
+pub mod events;
 pub mod images;
 pub mod networks;
 pub mod nodes;
@@ -107,6 +108,8 @@ pub enum ClientCommand {
     /// Networks.
     #[command(subcommand)]
     Network(networks::NetworkCommand),
+    /// Follow the cluster's events until Ctrl-C (`--kind container.`, `--since ID`).
+    Events(events::EventsArgs),
     /// Nodes of the cluster. `kisara node` itself is shared with the agent (`kisara node
     /// --server URL ...`), so main.rs parses it and hands the verbs back through this variant.
     #[command(skip)]
@@ -139,6 +142,7 @@ pub async fn run(args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Image(c) => images::run(&client, &out, c).await,
         ClientCommand::Network(c) => networks::run(&client, &out, c).await,
         ClientCommand::Node(c) => nodes::run(&client, &out, c).await,
+        ClientCommand::Events(a) => events::run(&client, &out, a).await,
     };
     match result {
         Ok(code) => Ok(code),

@@ -118,6 +118,8 @@ pub fn container_state(s: ContainerState) -> &'static str {
         ContainerState::Dead => "dead",
         ContainerState::Gone => "gone",
         ContainerState::Unknown => "unknown",
+        ContainerState::Launching => "launching",
+        ContainerState::Lost => "lost",
     }
 }
 

@@ -32,7 +32,11 @@ pub struct TestCluster {
     shutdown: CancellationToken,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
     agent_task: tokio::task::JoinHandle<Result<(), kisara_agent::AgentError>>,
+    /// A child of `shutdown`: stops the agent alone.
+    agent_shutdown: CancellationToken,
     pub runtime: Arc<DockerRuntime>,
+    /// Set when a restart hands the engine's objects to the next instance.
+    handed_over: bool,
 }
 
 impl TestCluster {
@@ -80,7 +84,8 @@ impl TestCluster {
                 max_containers: 0,
             },
         );
-        let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+        let agent_shutdown = shutdown.child_token();
+        let agent_task = tokio::spawn(agent.run(agent_shutdown.clone()));
         let token = server.state().admin_token().expose().to_string();
         let client = Client::new(&url, Some(token.clone())).expect("client");
         let cluster = TestCluster {
@@ -94,7 +99,9 @@ impl TestCluster {
             shutdown,
             server_task,
             agent_task,
+            agent_shutdown,
             runtime,
+            handed_over: false,
         };
         cluster.wait_ready().await;
         cluster
@@ -116,25 +123,62 @@ impl TestCluster {
 
     /// Stops server and agent (containers keep running) and starts them again on the same
     /// data directory.
-    pub async fn restart(mut self) -> TestCluster {
+    pub async fn restart(self) -> TestCluster {
+        self.restart_editing(|_| {}).await
+    }
+
+    /// Restarts, editing the store while everything is down (to stage what a crash leaves).
+    pub async fn restart_editing(mut self, edit: impl FnOnce(&kisara_store::Store)) -> TestCluster {
         self.shutdown.cancel();
         let _ = (&mut self.server_task).await;
         let _ = (&mut self.agent_task).await;
+        {
+            let store = kisara_store::Store::open(&self.data_dir.join(kisara_server::STORE_FILE))
+                .expect("store opens");
+            edit(&store);
+        }
         let tmp = self._tmp.take();
+        self.handed_over = true;
         let dir = self.data_dir.clone();
         let toml = self.config_toml.clone();
         Self::boot(toml, dir, tmp).await
     }
 
-    /// Everything on the engine that carries this cluster's label.
-    pub async fn leftovers(&self) -> (Vec<InventoryContainer>, Vec<InventoryNetwork>) {
-        let filter = vec![(
+    fn cluster_filter(&self) -> Vec<(String, String)> {
+        vec![(
             kisara_api::labels::CLUSTER.to_string(),
             self.cluster_id.clone(),
-        )];
+        )]
+    }
+
+    /// Everything on the engine that carries this cluster's label, but for the warm pool's
+    /// unclaimed spare networks (which the server keeps on purpose).
+    pub async fn leftovers(&self) -> (Vec<InventoryContainer>, Vec<InventoryNetwork>) {
+        let filter = self.cluster_filter();
+        let spares: std::collections::HashSet<String> = self
+            .client
+            .list_networks_filtered(&kisara_api::NetworkFilter {
+                node: None,
+                all: Some(true),
+            })
+            .await
+            .expect("list networks")
+            .items
+            .into_iter()
+            .filter(|n| n.owned_by.is_none() && n.labels.contains_key(kisara_api::labels::SPARE))
+            .map(|n| n.docker_id)
+            .collect();
+        let networks = self
+            .runtime
+            .list_networks(&filter)
+            .await
+            .expect("list")
+            .into_iter()
+            .filter(|n| !spares.contains(&n.docker_id))
+            .collect();
         (
             self.runtime.list_containers(&filter).await.expect("list"),
-            self.runtime.list_networks(&filter).await.expect("list"),
+            networks,
         )
     }
 
@@ -146,7 +190,17 @@ impl TestCluster {
 
     /// Removes whatever the test left (so a failing test does not leak into the engine).
     pub async fn cleanup(&self) {
-        let (cs, ns) = self.leftovers().await;
+        let filter = self.cluster_filter();
+        let cs = self
+            .runtime
+            .list_containers(&filter)
+            .await
+            .unwrap_or_default();
+        let ns = self
+            .runtime
+            .list_networks(&filter)
+            .await
+            .unwrap_or_default();
         for c in cs {
             let _ = self.runtime.remove(&c.docker_id, true).await;
         }
@@ -155,11 +209,56 @@ impl TestCluster {
         }
     }
 
-    pub async fn stop(self) {
-        self.cleanup().await;
+    /// Stops only the agent; the server keeps running (and so do the containers).
+    pub async fn stop_agent(&mut self) {
+        self.agent_shutdown.cancel();
+        let _ = (&mut self.agent_task).await;
+        // A finished handle must not be awaited again by `stop` or `restart`.
+        self.agent_task = tokio::spawn(async { Ok(()) });
+    }
+
+    pub async fn stop(mut self) {
+        // Stop first, so the warm pool cannot refill behind the cleanup.
         self.shutdown.cancel();
-        let _ = self.server_task.await;
-        let _ = self.agent_task.await;
+        let _ = (&mut self.server_task).await;
+        let _ = (&mut self.agent_task).await;
+        self.cleanup().await;
+    }
+}
+
+/// A test that fails before `stop()` must not leak into the engine (a leaked spare network
+/// would hold its subnet for every later run): stop the server's background work, then remove
+/// everything labelled for this cluster with the docker CLI (Drop cannot await).
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if self.handed_over {
+            return;
+        }
+        let label = format!("label={}={}", kisara_api::labels::CLUSTER, self.cluster_id);
+        let ids = |args: &[&str]| -> Vec<String> {
+            std::process::Command::new("docker")
+                .args(args)
+                .arg(&label)
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for id in ids(&["ps", "-aq", "--filter"]) {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f", &id])
+                .output();
+        }
+        for id in ids(&["network", "ls", "-q", "--filter"]) {
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm", &id])
+                .output();
+        }
     }
 }
 
