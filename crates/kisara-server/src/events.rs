@@ -1,0 +1,372 @@
+//! The event bus: every fact of the cluster, once, with a durable id.
+//!
+//! [`EventBus::emit`] appends the event to the store (which also queues it for the webhooks that
+//! want it, in the same transaction) and broadcasts it to live subscribers (SSE streams). Both
+//! happen under one lock, so the broadcast carries events in id order and a subscriber that
+//! reads the store's backlog after subscribing can splice the two with no gap and no duplicate.
+//! `node.heartbeat` is broadcast only: it is too chatty to keep.
+//!
+//! "Exactly once" is structural where it can be (one connect per session, one disconnect when
+//! the node's current session ends) and enforced by the store's fact keys where two paths may
+//! race or an agent may replay (`container.stop` from stop and remove, `container.die` after a
+//! reconnect).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kisara_api::agent::{ContainerEvent, ACTION_DIE};
+use kisara_api::events::kinds;
+use kisara_api::{labels, Container, ContainerState, Event, NodeStatus};
+use kisara_store::{OptionalExt, Store};
+use tokio::sync::broadcast;
+
+use crate::hub::NodeSession;
+use crate::webhooks::Dispatcher;
+
+/// Live events buffered per subscriber before it lags (and falls back to the store).
+const BROADCAST_CAPACITY: usize = 4096;
+/// How long a `die` that arrived before its container's launch was recorded is kept waiting.
+const PARKED_DIE_TTL: Duration = Duration::from_secs(120);
+/// A container older than this without a recorded launch (launched before events existed, or
+/// its launch pruned) gets its `die` at once instead of waiting for a launch.
+const LAUNCH_GRACE_SECS: i64 = 60;
+
+/// Retention of stored events.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Newest events kept.
+    pub max_events: u64,
+    /// Older events are dropped.
+    pub max_age: Duration,
+    /// How often the pruner runs.
+    pub interval: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_events: 100_000,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A `die` waiting for its container's `container.launch`.
+struct ParkedDie {
+    node_id: String,
+    event: ContainerEvent,
+    at: Instant,
+}
+
+pub struct EventBus {
+    store: Store,
+    cluster_id: String,
+    tx: broadcast::Sender<Arc<Event>>,
+    /// Held across append + broadcast so that live order is id order.
+    order: Mutex<()>,
+    /// By docker id. Locked before `order` wherever both are taken.
+    parked: Mutex<HashMap<String, ParkedDie>>,
+    pub webhooks: Dispatcher,
+    pub retention: Retention,
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus").finish_non_exhaustive()
+    }
+}
+
+/// Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn event(kind: &str) -> Event {
+    Event {
+        id: 0,
+        kind: kind.to_string(),
+        time: now_ms(),
+        node_id: None,
+        container_id: None,
+        owner: None,
+        module: None,
+        data: serde_json::Value::Null,
+    }
+}
+
+fn container_event(kind: &str, c: &Container, data: serde_json::Value) -> Event {
+    Event {
+        node_id: Some(c.node_id.clone()),
+        container_id: Some(c.id.clone()),
+        owner: c.owner.clone(),
+        module: c.module.clone(),
+        data,
+        ..event(kind)
+    }
+}
+
+impl EventBus {
+    pub fn new(store: Store, cluster_id: String) -> Self {
+        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        EventBus {
+            webhooks: Dispatcher::new(store.clone()),
+            store,
+            cluster_id,
+            tx,
+            order: Mutex::new(()),
+            parked: Mutex::new(HashMap::new()),
+            retention: Retention::default(),
+        }
+    }
+
+    /// Live events from now on. Subscribe before reading the backlog (see the module docs).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.tx.subscribe()
+    }
+
+    /// The highest id handed out so far.
+    pub fn last_id(&self) -> u64 {
+        self.store.last_event_id().unwrap_or(0)
+    }
+
+    /// Stored events after `after`, oldest first.
+    pub fn backlog(&self, after: u64, limit: usize) -> Vec<Event> {
+        match self.store.events_after(after, limit) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read stored events");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Stores, queues for webhooks and broadcasts one event. `fact` names the fact: a second
+    /// emit with the same key does nothing and answers `None`.
+    pub fn emit(&self, event: Event, fact: Option<&str>) -> Option<Arc<Event>> {
+        if kinds::is_transient(&event.kind) {
+            let event = Arc::new(Event { id: 0, ..event });
+            let _ = self.tx.send(event.clone());
+            return Some(event);
+        }
+        let (stored, queued) = {
+            let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+            match self.store.append_event(&event, fact) {
+                Ok(Some((stored, queued))) => {
+                    let stored = Arc::new(stored);
+                    let _ = self.tx.send(stored.clone());
+                    (stored, queued)
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::error!(kind = %event.kind, error = %e, "cannot store an event; it is lost");
+                    return None;
+                }
+            }
+        };
+        tracing::debug!(id = stored.id, kind = %stored.kind, "event");
+        self.webhooks.notify(&queued);
+        Some(stored)
+    }
+
+    // ---- the facts ----
+
+    /// An agent's session was accepted.
+    pub fn node_connected(&self, session: &NodeSession) {
+        let hello = &session.hello;
+        self.emit(
+            Event {
+                node_id: Some(session.node_id.clone()),
+                data: serde_json::json!({
+                    "name": hello.name,
+                    "agent_version": hello.agent_version,
+                    "public_address": hello.public_address,
+                    "labels": hello.labels,
+                }),
+                ..event(kinds::NODE_CONNECT)
+            },
+            None,
+        );
+    }
+
+    /// The node's current session ended (not called for a session that another replaced).
+    pub fn node_disconnected(&self, session: &NodeSession) {
+        self.emit(
+            Event {
+                node_id: Some(session.node_id.clone()),
+                data: serde_json::json!({ "name": session.hello.name }),
+                ..event(kinds::NODE_DISCONNECT)
+            },
+            None,
+        );
+    }
+
+    /// Every heartbeat; broadcast only.
+    pub fn node_heartbeat(&self, node_id: &str, status: &NodeStatus) {
+        if self.tx.receiver_count() == 0 {
+            return;
+        }
+        self.emit(
+            Event {
+                node_id: Some(node_id.to_string()),
+                data: serde_json::to_value(status).unwrap_or_default(),
+                ..event(kinds::NODE_HEARTBEAT)
+            },
+            None,
+        );
+    }
+
+    /// A container was launched and recorded. Fires a `die` that arrived before it, if any.
+    pub fn container_launched(&self, c: &Container) {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let data = serde_json::json!({
+            "name": c.name,
+            "image": c.image,
+            "docker_id": c.docker_id,
+            "network": c.network,
+            "ports": c.ports,
+            "host_port": c.host_port,
+        });
+        self.emit(
+            container_event(kinds::CONTAINER_LAUNCH, c, data),
+            Some(&format!("{}:{}", kinds::CONTAINER_LAUNCH, c.id)),
+        );
+        let early = parked.remove(&c.docker_id);
+        parked.retain(|_, p| p.at.elapsed() < PARKED_DIE_TTL);
+        drop(parked);
+        if let Some(p) = early {
+            self.die(&p.node_id, c, &p.event);
+        }
+    }
+
+    /// A container was stopped or removed through Kisara: once per container.
+    pub fn container_stopped(&self, c: &Container) {
+        let data = serde_json::json!({
+            "name": c.name,
+            "image": c.image,
+            "docker_id": c.docker_id,
+        });
+        self.emit(
+            container_event(kinds::CONTAINER_STOP, c, data),
+            Some(&format!("{}:{}", kinds::CONTAINER_STOP, c.id)),
+        );
+    }
+
+    /// An engine event an agent reported.
+    pub fn container_event(&self, node_id: &str, ev: ContainerEvent) {
+        if ev.action != ACTION_DIE {
+            tracing::debug!(action = %ev.action, "ignoring a container event");
+            return;
+        }
+        if ev.labels.get(labels::CLUSTER) != Some(&self.cluster_id) {
+            return;
+        }
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(c) = self.find(&ev) else {
+            // The launch has not been recorded yet (the container died at once): wait for it.
+            parked.retain(|_, p| p.at.elapsed() < PARKED_DIE_TTL);
+            parked.insert(
+                ev.docker_id.clone(),
+                ParkedDie {
+                    node_id: node_id.to_string(),
+                    event: ev,
+                    at: Instant::now(),
+                },
+            );
+            return;
+        };
+        let launched = self
+            .store
+            .has_fact(&format!("{}:{}", kinds::CONTAINER_LAUNCH, c.id))
+            .unwrap_or(true);
+        if !launched && crate::now() - c.created_at < LAUNCH_GRACE_SECS {
+            parked.insert(
+                ev.docker_id.clone(),
+                ParkedDie {
+                    node_id: node_id.to_string(),
+                    event: ev,
+                    at: Instant::now(),
+                },
+            );
+            return;
+        }
+        drop(parked);
+        self.die(node_id, &c, &ev);
+    }
+
+    fn find(&self, ev: &ContainerEvent) -> Option<Container> {
+        if let Some(id) = ev.labels.get(labels::CONTAINER) {
+            if let Ok(Some(c)) = self.store.get_container(id).optional() {
+                if c.docker_id == ev.docker_id {
+                    return Some(c);
+                }
+            }
+        }
+        match self.store.get_container(&ev.docker_id).optional() {
+            Ok(Some(c)) if c.docker_id == ev.docker_id => Some(c),
+            _ => None,
+        }
+    }
+
+    fn die(&self, node_id: &str, c: &Container, ev: &ContainerEvent) {
+        let status = match ev.exit_code {
+            Some(code) => format!("Exited ({code})"),
+            None => "Exited".to_string(),
+        };
+        if c.state != ContainerState::Gone {
+            if let Err(e) =
+                self.store
+                    .update_container_state(&c.id, ContainerState::Exited, &status)
+            {
+                tracing::warn!(container = %c.id, error = %e, "cannot record a container's exit");
+            }
+        }
+        let mut e = container_event(
+            kinds::CONTAINER_DIE,
+            c,
+            serde_json::json!({
+                "name": c.name,
+                "image": c.image,
+                "docker_id": c.docker_id,
+                "exit_code": ev.exit_code,
+            }),
+        );
+        e.node_id = Some(node_id.to_string());
+        let fact = format!("{}:{}:{}", kinds::CONTAINER_DIE, c.id, ev.time_nano);
+        if self.emit(e, Some(&fact)).is_some() {
+            tracing::info!(container = %c.id, exit_code = ?ev.exit_code, "container died");
+        }
+    }
+
+    /// Drops events beyond the retention.
+    pub fn prune(&self) {
+        let before = now_ms() - self.retention.max_age.as_millis() as i64;
+        match self.store.prune_events(self.retention.max_events, before) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "old events pruned"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune events"),
+        }
+    }
+}
+
+/// Starts what runs behind the bus (webhook deliveries, retention); everything stops with
+/// `state.shutdown`.
+pub fn start(state: &Arc<crate::AppState>) {
+    let shutdown = state.shutdown.clone();
+    state.events.webhooks.start(shutdown.clone());
+    let st = state.clone();
+    tokio::spawn(async move {
+        let interval = st.events.retention.interval;
+        loop {
+            st.events.prune();
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+}
