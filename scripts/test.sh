@@ -3,7 +3,8 @@
 #   - cargo-nextest (when missing),
 #   - Debian's busybox-static and the local test image kisara-test/busybox:latest,
 #   - Debian's docker-registry (pull tests run one on loopback),
-#   - a reachable Docker Engine (the tests need one; they fail, never skip, without it).
+#   - a reachable Docker Engine (the tests need one; they fail, never skip, without it),
+#   - root, dockerd and iproute2 for the multi-engine tests (scripts/testbed.sh).
 # Then: formatting, clippy, and the whole test suite.
 #
 #   scripts/test.sh            everything
@@ -36,6 +37,18 @@ if ! command -v docker-registry >/dev/null 2>&1; then
     apt-get update -qq
     apt-get install -y -qq docker-registry >/dev/null
 fi
+
+# The multi-engine tests (crates/kisara/tests/cluster.rs) start extra dockerds, each in a network
+# namespace of its own, with scripts/testbed.sh: they need root, dockerd, iproute2 and nsenter.
+# A missing piece is an error, never a skip.
+[[ $(id -u) -eq 0 ]] || { log "the multi-engine tests need root (they start dockerd)"; exit 1; }
+for tool in dockerd ip nsenter iptables flock; do
+    command -v "$tool" >/dev/null 2>&1 || { log "$tool not found: the multi-engine tests need it"; exit 1; }
+done
+# Engines an interrupted earlier run left (engines a running test claims are left alone), and
+# whatever a test killed by a timeout leaves this time.
+scripts/testbed.sh down
+trap 'scripts/testbed.sh down >/dev/null 2>&1 || true' EXIT
 
 extra=()
 if [[ "${1:-}" == "--" ]]; then shift; extra=("$@"); fi

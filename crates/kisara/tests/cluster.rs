@@ -286,8 +286,12 @@ fn a_server_killed_mid_burst_leaves_no_orphaned_or_lost_containers() {
     let finished = Arc::new(AtomicUsize::new(0));
     let mut threads = Vec::new();
     for _ in 0..BURST {
-        let mut cmd =
-            cluster.kisara_cmd(&["--json", "run", "--owner", "burst", IMAGE, "sleep", "600"]);
+        // Small reservations: capacity is not what this test is about (three nodes on a 2-core
+        // machine offer 3 x 8 CPUs to the scheduler, less than 30 x the default 1).
+        let mut cmd = cluster.kisara_cmd(&[
+            "--json", "run", "--owner", "burst", "--cpus", "0.1", "--memory", "32", IMAGE, "sleep",
+            "600",
+        ]);
         let acked = acked.clone();
         let finished = finished.clone();
         threads.push(std::thread::spawn(move || {
@@ -341,7 +345,10 @@ fn a_server_killed_mid_burst_leaves_no_orphaned_or_lost_containers() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    eprintln!("{report}");
+    let on_engines: usize = (0..3)
+        .map(|k| cluster.engines.kisara_containers(k).len())
+        .sum();
+    eprintln!("after the restart: {on_engines} containers on the engines\n{report}");
     assert!(settled, "after a server crash mid-burst:\n{report}");
     // Everything acknowledged is running, on the node the server says.
     let list = cluster.ps();
