@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Several real Docker Engines on this one machine, for Kisara's multi-node tests and the chaos bench.
 #
-#   scripts/testbed.sh up N [--first I]   start engines I..I+N-1 (I defaults to 1); engines already
-#                                         up are kept, stale remains of dead ones are cleaned first
+#   scripts/testbed.sh up N [--first I] [--fresh]
+#                                         start engines I..I+N-1 (I defaults to 1); engines already
+#                                         up are kept (with --fresh: stopped and wiped first), stale
+#                                         remains of dead ones are cleaned first
 #   scripts/testbed.sh down [I|I-J ...]   stop these engines (default: every testbed engine here that
 #                                         no running test claims) and remove all they made:
 #                                         containers, networks, mounts, data
@@ -53,7 +55,7 @@ STOP_TIMEOUT=20  # seconds for an engine to exit after SIGTERM
 log() { echo "testbed: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
 sock() { echo "$RUN_DIR/engine-$1.sock"; }
 pidfile() { echo "$RUN_DIR/engine-$1.pid"; }
@@ -67,7 +69,7 @@ dk() { local i=$1; shift; docker -H "unix://$(sock "$i")" "$@"; }
 need_tools() {
     [[ $(id -u) -eq 0 ]] || die "must run as root (it starts dockerd and makes network namespaces)"
     local t
-    for t in dockerd docker ip nsenter iptables mountpoint timeout flock; do
+    for t in dockerd docker ip nsenter iptables setsid timeout flock; do
         command -v "$t" >/dev/null 2>&1 || die "$t not found (dockerd: Debian's docker.io; ip: iproute2)"
     done
 }
@@ -285,15 +287,16 @@ load_images() {
 }
 
 cmd_up() {
-    local n="" first=1
+    local n="" first=1 fresh=0
     while (($#)); do
         case $1 in
             --first) first=${2:?--first needs an index}; shift 2 ;;
+            --fresh) fresh=1; shift ;;
             -h | --help) usage; exit 0 ;;
             *) [[ -z $n ]] || die "up takes one count"; n=$1; shift ;;
         esac
     done
-    [[ $n =~ ^[0-9]+$ && $n -ge 1 ]] || die "usage: testbed.sh up N [--first I]"
+    [[ $n =~ ^[0-9]+$ && $n -ge 1 ]] || die "usage: testbed.sh up N [--first I] [--fresh]"
     [[ $first =~ ^[0-9]+$ ]] || die "--first takes an index"
     need_tools
     local img
@@ -316,12 +319,12 @@ cmd_up() {
     exec 9>"$LOCK"
     flock -w 120 9 || die "another testbed.sh holds $LOCK"
     for i in "${indices[@]}"; do
-        if pid_of "$i" >/dev/null && answers "$i"; then
+        if ((fresh == 0)) && pid_of "$i" >/dev/null && answers "$i"; then
             log "engine $i already up"
             continue
         fi
         if [[ -n $(known_indices | grep -x "$i" || true) ]]; then
-            log "engine $i: cleaning up what a previous run left"
+            ((fresh)) || log "engine $i: cleaning up what a previous run left"
             stop_engine "$i"
         fi
         make_network "$i"

@@ -53,6 +53,8 @@ pub enum AgentError {
     },
     #[error("invalid server URL {0:?}")]
     Url(String),
+    #[error("CA certificate {path}: {reason}")]
+    Ca { path: PathBuf, reason: String },
 }
 
 /// What the agent remembers between runs.
@@ -67,6 +69,8 @@ pub struct Agent {
     opts: AgentOptions,
     /// Forwards engine events; outlives sessions so a reconnect resumes where it left off.
     engine_events: Arc<events::EngineEvents>,
+    /// Trust for a `wss://` server: only certificates signed by this CA.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Heartbeats between two reports of the engine's images (a minute at the default 5 s).
@@ -87,7 +91,33 @@ impl Agent {
             runtime,
             opts,
             engine_events: Default::default(),
+            tls: None,
         }
+    }
+
+    /// Trusts, for an `https://` server, only certificates signed by the CA in `path` (PEM).
+    pub fn with_ca_file(mut self, path: &std::path::Path) -> Result<Self, AgentError> {
+        use rustls_pki_types::pem::PemObject;
+        let err = |reason: String| AgentError::Ca {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))?
+        {
+            roots
+                .add(cert.map_err(|e| err(e.to_string()))?)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(err("no certificate in it".into()));
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        self.tls = Some(Arc::new(config));
+        Ok(self)
     }
 
     fn identity_path(&self) -> PathBuf {
@@ -182,7 +212,12 @@ impl Agent {
         shutdown: &CancellationToken,
     ) -> Result<SessionEnd, AgentError> {
         let connect = tokio::select! {
-            c = tokio_tungstenite::connect_async(url) => c,
+            c = tokio_tungstenite::connect_async_tls_with_config(
+                url,
+                None,
+                false,
+                self.tls.clone().map(tokio_tungstenite::Connector::Rustls),
+            ) => c,
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
         let (mut ws, _) = match connect {
@@ -296,7 +331,7 @@ impl Agent {
                     tick.tick().await;
                     let status = rt.status(&filter).await.unwrap_or_default();
                     let report = images_changed.swap(false, std::sync::atomic::Ordering::Relaxed)
-                        || beat % IMAGE_REPORT_EVERY == 0;
+                        || beat.is_multiple_of(IMAGE_REPORT_EVERY);
                     beat += 1;
                     let images = if report {
                         rt.list_images().await.ok().map(|imgs| {

@@ -53,6 +53,7 @@ pub struct ClientBuilder {
     base_url: String,
     token: Option<Token>,
     timeout: Duration,
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl ClientBuilder {
@@ -69,6 +70,13 @@ impl ClientBuilder {
         self
     }
 
+    /// For an `https://` server: trust only certificates signed by this CA (PEM), e.g. the
+    /// `ca.pem` that `kisara cert` wrote.
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
     pub fn build(self) -> Result<Client> {
         let base = Url::parse(&self.base_url)
             .map_err(|e| Error::InvalidUrl(format!("{}: {e}", self.base_url)))?;
@@ -78,10 +86,19 @@ impl ClientBuilder {
                 self.base_url
             )));
         }
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("kisara-client/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(Error::Transport)?;
+        let mut http = reqwest::Client::builder()
+            .user_agent(concat!("kisara-client/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &self.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| Error::InvalidUrl(format!("CA certificate: {e}")))?;
+            if certs.is_empty() {
+                return Err(Error::InvalidUrl(
+                    "CA certificate: no certificate in it".into(),
+                ));
+            }
+            http = http.tls_certs_only(certs);
+        }
+        let http = http.build().map_err(Error::Transport)?;
         Ok(Client {
             http,
             base,
@@ -107,6 +124,7 @@ impl Client {
             base_url: base_url.to_string(),
             token: None,
             timeout: DEFAULT_TIMEOUT,
+            ca_pem: None,
         }
     }
 

@@ -110,6 +110,11 @@ pub struct ServerSection {
     /// Spare networks kept ready per node, so a launch without a network does not wait for
     /// the engine to create one (default 2; 0 turns the warm pool off).
     pub warm_networks: Option<u32>,
+    /// PEM certificate chain: with `tls_key`, the API and the agent channel are served over
+    /// TLS (`kisara cert` makes one).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[server.defaults]`: resources of a container whose request names none.
@@ -153,6 +158,8 @@ pub struct NodeSection {
     pub subnet_pool: Option<Vec<String>>,
     pub network_in: Option<u64>,
     pub network_out: Option<u64>,
+    /// PEM CA certificate that signed the server's certificate (for `https://` servers).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Kisara's `[kisara]`.
@@ -238,6 +245,8 @@ pub struct ServerSettings {
     pub memory_overcommit: f64,
     /// Spare networks kept ready per node (0 = none).
     pub warm_networks: u32,
+    /// Certificate and key files when the server speaks TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ServerSettings {
@@ -267,6 +276,8 @@ pub struct NodeSettings {
     pub subnet_pool: Option<SubnetPool>,
     pub network_in: Option<u64>,
     pub network_out: Option<u64>,
+    /// CA certificate that signed the server's, for `https://` servers.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -484,6 +495,15 @@ impl Config {
             scheduler: s.scheduler.unwrap_or_default(),
             cpu_overcommit: overcommit("server.cpu_overcommit", s.cpu_overcommit, 4.0)?,
             memory_overcommit: overcommit("server.memory_overcommit", s.memory_overcommit, 1.0)?,
+            tls: match (&s.tls_cert, &s.tls_key) {
+                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                (None, None) => None,
+                _ => {
+                    return Err(CoreError::invalid(
+                        "server.tls_cert and server.tls_key go together: set both or neither",
+                    ))
+                }
+            },
             warm_networks: match s.warm_networks.unwrap_or(2) {
                 n @ 0..=64 => n,
                 n => {
@@ -554,6 +574,7 @@ impl Config {
             subnet_pool,
             network_in: n.network_in.or(kc.network_in),
             network_out: n.network_out.or(kc.network_out),
+            ca_file: n.ca_file.clone(),
         })
     }
 }

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod placement;
 pub mod reconcile;
+pub mod tls;
 pub mod tokens;
 pub mod warm;
 pub mod webhooks;
@@ -42,6 +43,8 @@ pub enum ServerError {
     Store(#[from] kisara_store::StoreError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// Shared state of every request handler.
@@ -90,6 +93,7 @@ impl AppState {
 #[derive(Clone)]
 pub struct Server {
     state: Arc<AppState>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// File names inside the data directory.
@@ -136,7 +140,12 @@ impl Server {
         let join_token = tokens::load_or_create(&data_dir.join(JOIN_TOKEN_FILE), "ksj_")?;
         let ledger = placement::Ledger::load(&store, &settings)?;
         let events = events::EventBus::new(store.clone(), cluster_id.clone());
+        let tls = match &settings.tls {
+            Some((cert, key)) => Some(tls::server_config(cert, key).map_err(ServerError::Tls)?),
+            None => None,
+        };
         Ok(Server {
+            tls,
             state: Arc::new(AppState {
                 store,
                 hub: hub::Hub::default(),
@@ -176,9 +185,16 @@ impl Server {
         let janitor = tokio::spawn(janitor::run(self.state.clone()));
         let token = self.state.shutdown.clone();
         let graceful = token.clone();
-        let serve = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { graceful.cancelled().await });
-        let mut serve = std::pin::pin!(serve.into_future());
+        let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+            match self.tls.clone() {
+                Some(tls) => Box::pin(serve_tls(listener, app, tls, graceful)),
+                None => Box::pin(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { graceful.cancelled().await })
+                        .into_future(),
+                ),
+            };
+        let mut serve = serve;
         tokio::select! {
             r = &mut serve => {
                 token.cancel();
@@ -194,6 +210,54 @@ impl Server {
             Ok(r) => r,
             Err(_) => Ok(()),
         }
+    }
+}
+
+/// Serves HTTPS (and WSS for agents) until `token` is cancelled: a TLS handshake per
+/// connection, bounded in time so that a silent client cannot hold a task forever.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Arc<rustls::ServerConfig>,
+    token: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                // Out of descriptors and the like: keep serving the connections we have.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = token.cancelled() => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                _ => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = token.cancelled() => {}
+            }
+        });
     }
 }
 

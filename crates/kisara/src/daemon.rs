@@ -120,7 +120,19 @@ struct Started {
     server: Server,
     addr: SocketAddr,
     data_dir: PathBuf,
+    /// The server's certificate files when it speaks TLS.
+    tls: Option<(PathBuf, PathBuf)>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Started {
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 async fn start_server(
@@ -142,6 +154,7 @@ async fn start_server(
         .unwrap_or_else(crate::cli::default_data_dir);
     settings.data_dir = data_dir.clone();
     let listen = settings.listen;
+    let tls = settings.tls.clone();
     let server = Server::open(settings, data_dir.clone())
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(&listen)
@@ -157,12 +170,13 @@ async fn start_server(
         server,
         addr,
         data_dir,
+        tls,
         task,
     })
 }
 
 fn print_banner(s: &Started) {
-    let url = format!("http://{}", s.addr);
+    let url = format!("{}://{}", s.scheme(), s.addr);
     println!("Kisara is listening on {url}");
     println!(
         "  admin token: {}",
@@ -199,7 +213,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let agent = Agent::new(
         Arc::new(runtime),
         AgentOptions {
-            server_url: format!("http://{connect_host}:{}", started.addr.port()),
+            server_url: format!(
+                "{}://{connect_host}:{}",
+                started.scheme(),
+                started.addr.port()
+            ),
             name: args.name.clone(),
             join_token: Some(started.server.state().join_token().clone()),
             state_dir: started.data_dir.join("agent"),
@@ -211,6 +229,20 @@ pub async fn up(args: UpArgs) -> Result<()> {
                 .unwrap_or(0),
         },
     );
+    // With TLS the local agent trusts the CA of the node config, else the ca.pem that
+    // `kisara cert` wrote beside the server certificate.
+    let agent = match &started.tls {
+        Some((cert, _)) => {
+            let ca = config
+                .node_settings()
+                .ok()
+                .and_then(|n| n.ca_file)
+                .or_else(|| cert.parent().map(|d| d.join("ca.pem")))
+                .context("no CA certificate for the local agent: set node.ca_file")?;
+            agent.with_ca_file(&ca)?
+        }
+        None => agent,
+    };
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
     print_banner(&started);
     wait(shutdown, started.task, Some(agent_task)).await
@@ -250,7 +282,8 @@ pub async fn server(args: ServerArgs) -> Result<()> {
 }
 
 /// `kisara node`: an agent joining a server.
-pub async fn node(args: NodeArgs) -> Result<()> {
+/// `ca`: the global `--ca` (KISARA_CA), trusted for an https:// server.
+pub async fn node(args: NodeArgs, ca: Option<PathBuf>) -> Result<()> {
     init_tracing();
     let config = load_config(args.config.as_ref())?;
     let settings = config.node_settings().context("node configuration")?;
@@ -295,6 +328,10 @@ pub async fn node(args: NodeArgs) -> Result<()> {
             max_containers: args.max_containers.unwrap_or(settings.max_containers),
         },
     );
+    let agent = match ca.or(settings.ca_file.clone()) {
+        Some(ca) => agent.with_ca_file(&ca)?,
+        None => agent,
+    };
     let shutdown = CancellationToken::new();
     let mut task = tokio::spawn(agent.run(shutdown.clone()));
     let result = tokio::select! {

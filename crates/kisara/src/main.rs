@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bundle_cmd;
+mod cert;
 mod cli;
 mod daemon;
 
@@ -42,6 +43,8 @@ enum Command {
     /// Bundles: ls, inspect, rm, tag, images (into nodes), up, down.
     #[command(subcommand)]
     Bundle(bundle_cmd::BundleCommand),
+    /// Make a CA and a server certificate for TLS (`[server] tls_cert`/`tls_key`).
+    Cert(cert::CertArgs),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -75,7 +78,9 @@ fn main() {
             Command::Node(NodeCli {
                 verb: Some(verb), ..
             }) => cli::run(cli.client, cli::ClientCommand::Node(verb)).await,
-            Command::Node(NodeCli { agent, .. }) => daemon::node(agent).await.map(|_| 0),
+            Command::Node(NodeCli { agent, .. }) => {
+                daemon::node(agent, cli.client.ca.clone()).await.map(|_| 0)
+            }
             Command::Build(a) => bundle_cmd::build(cli.client, a).await,
             Command::Save(a) => bundle_cmd::save(cli.client, a).await,
             Command::Load(a) => bundle_cmd::load(cli.client, a).await,
@@ -83,6 +88,7 @@ fn main() {
             Command::Pull(a) => bundle_cmd::pull(cli.client, a).await,
             Command::Bundle(c) => bundle_cmd::bundle(cli.client, c).await,
             Command::Client(c) => cli::run(cli.client, c).await,
+            Command::Cert(a) => cert::run(a),
         };
         match result {
             Ok(code) => code,

@@ -336,3 +336,117 @@ fn server_and_node_as_separate_processes() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("join token"));
 }
+
+#[test]
+fn tls_for_the_api_and_the_agent_channel() {
+    let nets = NetCleanup::default();
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    let out = Command::new(BIN)
+        .args(["cert", "--dir"])
+        .arg(&certs)
+        .args(["--host", "127.0.0.1", "--host", "localhost"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&certs.join("ca-key.pem")), 0o600);
+    assert_eq!(mode(&certs.join("server-key.pem")), 0o600);
+    let ca = certs.join("ca.pem");
+    let config = tmp.path().join("kisara.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            certs.join("server.pem").display(),
+            certs.join("server-key.pem").display()
+        ),
+    )
+    .unwrap();
+    let dir = tmp.path().join("server");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("https://{listen}");
+    let _server = spawn(
+        &[
+            "server",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.join("join.token").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "server never wrote its join token"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let join = std::fs::read_to_string(dir.join("join.token")).unwrap();
+    let _node = spawn(
+        &[
+            "node",
+            "--server",
+            &url,
+            "--join-token",
+            join.trim(),
+            "--name",
+            "tls1",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--state-dir",
+            tmp.path().join("node").to_str().unwrap(),
+        ],
+        &[],
+    );
+    // The CLI talks HTTPS with the CA, and the node joined over WSS.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let node = loop {
+        let out = Command::new(BIN)
+            .args(["--url", &url, "--ca", ca.to_str().unwrap(), "--data-dir"])
+            .arg(&dir)
+            .args(["node", "ls", "--json"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let nodes: ListResponse<Node> = serde_json::from_slice(&out.stdout).unwrap();
+            if let Some(n) = nodes
+                .items
+                .into_iter()
+                .find(|n| n.state == NodeState::Ready)
+            {
+                break n;
+            }
+        }
+        assert!(Instant::now() < deadline, "no node joined over TLS");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    nets.node(&node.id);
+    let c: Container = json(
+        &Command::new(BIN)
+            .args(["--url", &url, "--ca", ca.to_str().unwrap(), "--data-dir"])
+            .arg(&dir)
+            .args(["run", "--json", IMAGE, "sleep", "300"])
+            .output()
+            .unwrap(),
+    );
+    let out = Command::new(BIN)
+        .args(["--url", &url, "--ca", ca.to_str().unwrap(), "--data-dir"])
+        .arg(&dir)
+        .args(["rm", "-f", &c.id])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // Without the CA the certificate is not trusted; plain HTTP is not served on the port.
+    let out = kisara(&url, &dir, &["ps"]);
+    assert!(!out.status.success());
+    let out = kisara(&format!("http://{listen}"), &dir, &["ps"]);
+    assert!(!out.status.success());
+}

@@ -835,3 +835,76 @@ async fn service_hooks_fire_for_service_events() {
     shutdown.cancel();
     let _ = task.await;
 }
+
+// ---- CLI ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kisara_events_streams_lines_until_stopped() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let k = TestCluster::start().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
+        .args([
+            "events",
+            "--kind",
+            "container.launch",
+            "--json",
+            "--url",
+            &k.url,
+        ])
+        .env("KISARA_TOKEN", &k.token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kisara events");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut human = tokio::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
+        .args(["events", "--kind", "container.", "--url", &k.url])
+        .env("KISARA_TOKEN", &k.token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kisara events");
+    let mut human_lines = BufReader::new(human.stdout.take().expect("stdout")).lines();
+
+    // The CLI is subscribed once the server counts it; launch until its line shows up
+    // (bounded), since a launch before it subscribed is rightly not shown.
+    let deadline = Instant::now() + WAIT;
+    let mut launched = Vec::new();
+    let event = loop {
+        assert!(Instant::now() < deadline, "kisara events printed nothing");
+        let c = k.client.launch(&httpd_request()).await.expect("launch");
+        launched.push(c.id.clone());
+        if let Ok(line) = tokio::time::timeout(Duration::from_secs(2), lines.next_line()).await {
+            let line = line.expect("read").expect("a line");
+            break serde_json::from_str::<Event>(&line).expect("a JSON event per line");
+        }
+    };
+    assert_eq!(event.kind, kinds::CONTAINER_LAUNCH);
+    assert!(launched.contains(&event.container_id.clone().unwrap_or_default()));
+    let line = tokio::time::timeout(WAIT, human_lines.next_line())
+        .await
+        .expect("a human line")
+        .expect("read")
+        .expect("a line");
+    assert!(
+        line.contains("container.launch") && line.contains("owner=team1"),
+        "{line}"
+    );
+
+    // Ctrl-C ends it with status 0.
+    let pid = child.id().expect("pid").to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits after SIGINT")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    for id in launched {
+        k.client.stop(&id).await.expect("stop");
+    }
+    k.stop().await;
+}

@@ -54,6 +54,9 @@ pub struct ClientArgs {
         help_heading = "Connection"
     )]
     pub data_dir: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an https:// server, e.g. the ca.pem of `kisara cert`.
+    #[arg(long, env = "KISARA_CA", global = true, help_heading = "Connection")]
+    pub ca: Option<PathBuf>,
 
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
@@ -123,7 +126,16 @@ pub async fn run(args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<i32> {
     let data_dir = args.data_dir();
     let token = resolve_token(args.token.clone(), &data_dir)?;
     let had_token = token.is_some();
-    let client = match Client::new(&args.url, token) {
+    let mut builder = Client::builder(&args.url);
+    if let Some(t) = token {
+        builder = builder.token(t);
+    }
+    if let Some(ca) = &args.ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| anyhow::anyhow!("CA certificate {}: {e}", ca.display()))?;
+        builder = builder.ca_pem(pem);
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             output::print_error(&e);
@@ -362,6 +374,7 @@ mod tests {
             url: "http://x".into(),
             token: Some("sekrit".into()),
             data_dir: None,
+            ca: None,
             json: false,
         };
         assert!(!format!("{a:?}").contains("sekrit"));

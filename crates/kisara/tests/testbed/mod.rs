@@ -62,7 +62,7 @@ impl Engines {
             _claims: claims,
         };
         let out = Command::new(TESTBED)
-            .args(["up", &count.to_string(), "--first", &first.to_string()])
+            .args(["up", &count.to_string(), "--first", &first.to_string(), "--fresh"])
             .output()
             .expect("run scripts/testbed.sh");
         assert!(
