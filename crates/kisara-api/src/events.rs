@@ -31,6 +31,10 @@ pub mod kinds {
     pub const SERVICE_STOP: &str = "service.stop";
     /// An instance outlived its lifetime and was removed (fires once TTLs exist, issue #4).
     pub const INSTANCE_EXPIRED: &str = "instance.expired";
+    /// A node stayed away past its grace period (once per outage).
+    pub const NODE_DOWN: &str = "node.down";
+    /// A container's node went down past its grace period (once per container per outage).
+    pub const CONTAINER_LOST: &str = "container.lost";
 
     /// Every kind this version knows.
     pub const ALL: &[&str] = &[
@@ -43,6 +47,8 @@ pub mod kinds {
         SERVICE_START,
         SERVICE_STOP,
         INSTANCE_EXPIRED,
+        NODE_DOWN,
+        CONTAINER_LOST,
     ];
 
     /// Kinds that are broadcast but never stored, so they carry id 0 and cannot be resumed.

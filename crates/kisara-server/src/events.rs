@@ -243,6 +243,27 @@ impl EventBus {
         }
     }
 
+    /// A node stayed away past its grace period; `since` (its last sighting) keys the outage.
+    pub fn node_down(&self, node_id: &str, name: &str, since: i64) {
+        self.emit(
+            Event {
+                node_id: Some(node_id.to_string()),
+                data: serde_json::json!({ "name": name, "last_seen": since }),
+                ..event(kinds::NODE_DOWN)
+            },
+            Some(&format!("{}:{node_id}:{since}", kinds::NODE_DOWN)),
+        );
+    }
+
+    /// A container went down with its node (once per container per outage).
+    pub fn container_lost(&self, c: &Container, since: i64) {
+        let data = serde_json::json!({ "name": c.name, "docker_id": c.docker_id });
+        self.emit(
+            container_event(kinds::CONTAINER_LOST, c, data),
+            Some(&format!("{}:{}:{since}", kinds::CONTAINER_LOST, c.id)),
+        );
+    }
+
     /// A container was stopped or removed through Kisara: once per container.
     pub fn container_stopped(&self, c: &Container) {
         let data = serde_json::json!({

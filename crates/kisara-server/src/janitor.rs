@@ -24,6 +24,7 @@ pub fn mark_lost(st: &AppState) -> usize {
         let Ok(containers) = st.store.list_containers(None, None, Some(&node.id), false) else {
             continue;
         };
+        st.events.node_down(&node.id, &node.name, node.last_seen);
         for c in containers {
             if matches!(
                 c.state,
@@ -37,6 +38,7 @@ pub fn mark_lost(st: &AppState) -> usize {
                 .is_ok()
             {
                 marked += 1;
+                st.events.container_lost(&c, node.last_seen);
                 tracing::warn!(container = %c.id, node = %node.name, "container lost with its node");
             }
         }

@@ -433,3 +433,60 @@ async fn idempotency_key_never_launches_twice() {
     k.assert_clean().await;
     k.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_past_its_grace_loses_its_containers_once_and_finds_them_again() {
+    let mut k =
+        TestCluster::start_with("[server]\nheartbeat_interval_secs = 1\nnode_grace_secs = 2\n")
+            .await;
+    let c = k.client.launch(&httpd_request()).await.expect("launch");
+    let client = k.client.clone();
+    let events = |kinds: &str| {
+        let q = kisara_api::events::EventQuery {
+            kinds: Some(kinds.into()),
+            since: Some(0),
+            ..Default::default()
+        };
+        let client = client.clone();
+        async move {
+            let mut s = client.events(&q).await.expect("events");
+            let mut seen = Vec::new();
+            // Everything stored so far replays at once; stop at the first quiet moment.
+            while let Ok(Some(Ok(e))) =
+                tokio::time::timeout(Duration::from_millis(500), s.next()).await
+            {
+                seen.push(e);
+            }
+            seen
+        }
+    };
+    k.stop_agent().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let x = k.client.container(&c.id).await.unwrap();
+        if x.state == ContainerState::Lost {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never lost: {x:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the janitor run a few more rounds: the facts still fire once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lost = events("container.lost,node.down").await;
+    assert_eq!(
+        lost.iter().filter(|e| e.kind == "container.lost").count(),
+        1,
+        "{lost:?}"
+    );
+    assert_eq!(lost.iter().filter(|e| e.kind == "node.down").count(), 1);
+    assert!(lost
+        .iter()
+        .any(|e| e.container_id.as_deref() == Some(c.id.as_str())));
+    // The node comes back: its inventory sets the real state again.
+    let k = k.restart().await;
+    let back = k.client.container(&c.id).await.unwrap();
+    assert_eq!(back.state, ContainerState::Running);
+    k.client.stop(&c.id).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}

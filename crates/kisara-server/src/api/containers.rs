@@ -381,6 +381,8 @@ fn refresh(c: &mut Container, live: Option<&HashMap<String, InventoryContainer>>
         return;
     }
     match live {
+        // A container lost with its node stays lost until the node is back.
+        None if c.state == ContainerState::Lost => {}
         None => c.state = ContainerState::Unknown,
         Some(m) => match m.get(&c.docker_id) {
             Some(inv) => {
@@ -423,6 +425,7 @@ pub async fn inspect(
                 refresh(&mut c, Some(&m));
             }
             Err(e) if e.code == codes::NOT_FOUND => refresh(&mut c, Some(&HashMap::new())),
+            _ if c.state == ContainerState::Lost => {}
             _ => c.state = ContainerState::Unknown,
         }
         if c.state == ContainerState::Gone {

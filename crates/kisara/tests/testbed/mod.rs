@@ -62,7 +62,13 @@ impl Engines {
             _claims: claims,
         };
         let out = Command::new(TESTBED)
-            .args(["up", &count.to_string(), "--first", &first.to_string(), "--fresh"])
+            .args([
+                "up",
+                &count.to_string(),
+                "--first",
+                &first.to_string(),
+                "--fresh",
+            ])
             .output()
             .expect("run scripts/testbed.sh");
         assert!(
