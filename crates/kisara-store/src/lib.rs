@@ -833,11 +833,24 @@ impl Store {
     /// Networks made for one container or instance (`owned_by`), which go with it.
     /// Spare networks of a node: carrying the `spare` label and not yet claimed.
     pub fn spare_networks(&self, node_id: &str, spare_label: &str) -> Result<Vec<Network>> {
-        Ok(self
-            .list_networks(Some(node_id))?
-            .into_iter()
-            .filter(|n| n.owned_by.is_none() && n.labels.contains_key(spare_label))
-            .collect())
+        // Only unclaimed rows are read: the warm pool asks after every launch, and a node's
+        // claimed networks (one per container) are most of its rows.
+        let sql = format!(
+            "SELECT {} FROM networks WHERE node_id = ?1 AND owned_by IS NULL
+             ORDER BY created_at, id",
+            Self::NETWORK_COLS
+        );
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map([node_id], Self::network_row)?;
+        let mut out = Vec::new();
+        for n in rows {
+            let n = n?;
+            if n.labels.contains_key(spare_label) {
+                out.push(n);
+            }
+        }
+        Ok(out)
     }
 
     /// Claims one spare network of `node_id` for `owner`, atomically: two launches never get
