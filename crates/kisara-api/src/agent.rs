@@ -240,6 +240,33 @@ pub struct ContainerConfig {
     pub read_only: bool,
     /// Path to mount options, e.g. `/tmp` → `rw,size=64m`.
     pub tmpfs: BTreeMap<String, String>,
+    /// Docker healthcheck; the engine reports the container's health from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthCheck>,
+    /// Networks joined besides `network` (before the container starts), with their aliases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_networks: Vec<NetworkAttachment>,
+    /// Docker restart policy: `no`, `always`, `unless-stopped`, `on-failure[:N]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
+}
+
+/// A container's healthcheck, in the engine's terms.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HealthCheck {
+    /// `["CMD", prog, args..]`, `["CMD-SHELL", "command"]` or `["NONE"]`.
+    pub test: Vec<String>,
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub retries: Option<u32>,
+    pub start_period_ms: Option<u64>,
+}
+
+/// A further network a container joins, with the names it is known by there.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NetworkAttachment {
+    pub network: String,
+    pub aliases: Vec<String>,
 }
 
 impl fmt::Debug for ContainerConfig {
@@ -264,6 +291,8 @@ impl fmt::Debug for ContainerConfig {
             .field("cap_add", &self.cap_add)
             .field("privileged", &self.privileged)
             .field("binds", &self.binds)
+            .field("extra_networks", &self.extra_networks)
+            .field("healthcheck", &self.healthcheck.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -292,6 +321,10 @@ pub struct InventoryContainer {
     pub published: Vec<PublishedPort>,
     /// Unix seconds.
     pub created: i64,
+    /// Docker's health status (`starting`, `healthy`, `unhealthy`) for containers with a
+    /// healthcheck.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 /// A network to create.

@@ -13,6 +13,7 @@ pub mod events;
 pub mod image;
 pub mod network;
 pub mod node;
+pub mod service;
 
 pub use bundle::*;
 pub use container::*;
@@ -24,6 +25,7 @@ pub use events::{
 pub use image::*;
 pub use network::*;
 pub use node::*;
+pub use service::*;
 
 /// Label keys carried by every Docker object Kisara creates. They are the source of truth from
 /// which a node's inventory is rebuilt after a crash.
@@ -46,6 +48,10 @@ pub mod labels {
     pub const OWNED_BY: &str = "io.kisara.owned-by";
     /// Set on spare networks of the warm pool (claimed by launches, then owned by them).
     pub const SPARE: &str = "io.kisara.spare";
+    /// Kisara's id of the multi-container service the object belongs to.
+    pub const SERVICE: &str = "io.kisara.service";
+    /// The object's name inside its service (compose service or network name).
+    pub const SERVICE_MEMBER: &str = "io.kisara.service-member";
 }
 
 use serde::{Deserialize, Serialize};

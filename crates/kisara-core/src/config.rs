@@ -133,6 +133,10 @@ pub struct LimitsSection {
     pub max_memory_mb: Option<u64>,
     pub max_cpus: Option<f64>,
     pub max_pids_limit: Option<i64>,
+    /// Containers in one multi-container service (default 64).
+    pub max_service_containers: Option<usize>,
+    /// Networks made for one multi-container service (default 16).
+    pub max_service_networks: Option<usize>,
 }
 
 /// `[node]`.
@@ -216,6 +220,8 @@ pub struct ResourceLimits {
     /// At most [`MAX_CPUS`].
     pub max_cpus: f64,
     pub max_pids_limit: i64,
+    pub max_service_containers: usize,
+    pub max_service_networks: usize,
 }
 
 /// What the server runs with: defaults filled in, everything validated.
@@ -432,6 +438,8 @@ impl Config {
             max_memory_mb: s.limits.max_memory_mb.unwrap_or(16 * 1024),
             max_cpus: s.limits.max_cpus.unwrap_or(MAX_CPUS),
             max_pids_limit: s.limits.max_pids_limit.unwrap_or(4096),
+            max_service_containers: s.limits.max_service_containers.unwrap_or(64),
+            max_service_networks: s.limits.max_service_networks.unwrap_or(16),
         };
         if limits.max_memory_mb < MIN_MEMORY_MB {
             return Err(CoreError::invalid(format!(

@@ -5,6 +5,7 @@
 //! the rules that protect operators are table- and property-tested without a Docker host.
 //! The server turns a [`CoreError`] into an HTTP status at its edge.
 
+pub mod compose;
 pub mod config;
 pub mod error;
 pub mod ids;
@@ -12,5 +13,7 @@ pub mod policy;
 pub mod pool;
 pub mod ports;
 pub mod scheduler;
+pub mod service_config;
+pub mod service_plan;
 
 pub use error::{CoreError, Result};

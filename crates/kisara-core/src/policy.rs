@@ -191,6 +191,8 @@ pub fn container_config(
         workdir: req.workdir.clone(),
         read_only: false,
         tmpfs: BTreeMap::new(),
+        // Flags' files and fixed addresses are added by the server once it knows them.
+        ..Default::default()
     })
 }
 

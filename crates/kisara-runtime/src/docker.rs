@@ -13,8 +13,9 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, EndpointSettings, HostConfig,
-    Ipam, IpamConfig, NetworkCreateRequest, NetworkingConfig, PortBinding, PortMap,
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, EndpointSettings,
+    HealthConfig, HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
+    NetworkingConfig, PortBinding, PortMap, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ImportImageOptionsBuilder,
@@ -316,6 +317,21 @@ impl Runtime for DockerRuntime {
             })?;
         for warning in &created.warnings {
             tracing::debug!(container = %created.id, %warning, "engine warning on create");
+        }
+        // Engines before API 1.44 attach one network at create; the others join before start,
+        // so the container's first process already sees every network.
+        for extra in &config.extra_networks {
+            let request = NetworkConnectRequest {
+                container: created.id.clone(),
+                endpoint_config: Some(EndpointSettings {
+                    aliases: non_empty(&extra.aliases),
+                    ..Default::default()
+                }),
+            };
+            if let Err(e) = self.docker.connect_network(&extra.network, request).await {
+                self.cleanup_container(&created.id).await;
+                return Err(map_err(e, &format!("network {}", extra.network)));
+            }
         }
         match self.start_and_inspect(&created.id).await {
             Ok(container) => Ok(container),
@@ -810,6 +826,7 @@ fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
         tmpfs: (!config.tmpfs.is_empty()).then(|| to_hash_map(&config.tmpfs)),
         network_mode: config.network.clone(),
         port_bindings: (!bindings.is_empty()).then_some(bindings),
+        restart_policy: config.restart.as_deref().and_then(restart_policy),
         ..Default::default()
     };
     ContainerCreateBody {
@@ -823,7 +840,57 @@ fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
         working_dir: config.workdir.clone(),
         host_config: Some(host_config),
         networking_config,
+        healthcheck: config.healthcheck.as_ref().map(health_config),
         ..Default::default()
+    }
+}
+
+fn millis_to_nanos(ms: Option<u64>) -> Option<i64> {
+    ms.map(|ms| i64::try_from(ms.saturating_mul(1_000_000)).unwrap_or(i64::MAX))
+}
+
+fn health_config(h: &kisara_api::agent::HealthCheck) -> HealthConfig {
+    HealthConfig {
+        test: Some(h.test.clone()),
+        interval: millis_to_nanos(h.interval_ms),
+        timeout: millis_to_nanos(h.timeout_ms),
+        retries: h.retries.map(i64::from),
+        start_period: millis_to_nanos(h.start_period_ms),
+        start_interval: None,
+    }
+}
+
+/// `no`, `always`, `unless-stopped`, `on-failure[:N]` (validated by the server's policy; an
+/// unknown word means no policy).
+fn restart_policy(spec: &str) -> Option<RestartPolicy> {
+    let (name, count) = match spec.split_once(':') {
+        Some((n, c)) => (n, c.parse::<i64>().ok()),
+        None => (spec, None),
+    };
+    let name = match name {
+        "no" => RestartPolicyNameEnum::NO,
+        "always" => RestartPolicyNameEnum::ALWAYS,
+        "unless-stopped" => RestartPolicyNameEnum::UNLESS_STOPPED,
+        "on-failure" => RestartPolicyNameEnum::ON_FAILURE,
+        _ => return None,
+    };
+    Some(RestartPolicy {
+        name: Some(name),
+        maximum_retry_count: count,
+    })
+}
+
+/// The health word in a `docker ps` status line: `Up 3 seconds (healthy)`,
+/// `(health: starting)`, `(unhealthy)`.
+fn health_from_status(status: &str) -> Option<String> {
+    if status.ends_with("(health: starting)") {
+        Some("starting".into())
+    } else if status.ends_with("(unhealthy)") {
+        Some("unhealthy".into())
+    } else if status.ends_with("(healthy)") {
+        Some("healthy".into())
+    } else {
+        None
     }
 }
 
@@ -926,6 +993,12 @@ fn container_from_inspect(c: ContainerInspectResponse) -> InventoryContainer {
         "exited" => format!("Exited ({})", state.exit_code.unwrap_or(0)),
         other => other.to_string(),
     };
+    let health = state
+        .health
+        .as_ref()
+        .and_then(|h| h.status.as_ref())
+        .map(|s| s.to_string())
+        .filter(|s| matches!(s.as_str(), "starting" | "healthy" | "unhealthy"));
     let network_settings = c.network_settings.unwrap_or_default();
     let mode = c
         .host_config
@@ -951,6 +1024,7 @@ fn container_from_inspect(c: ContainerInspectResponse) -> InventoryContainer {
             .and_then(|d| serde_json::to_value(d).ok())
             .and_then(|v| v.as_str().and_then(parse_rfc3339))
             .unwrap_or(0),
+        health,
     }
 }
 
@@ -997,6 +1071,7 @@ fn container_from_summary(c: ContainerSummary) -> InventoryContainer {
         image: c.image.unwrap_or_default(),
         labels: c.labels.unwrap_or_default().into_iter().collect(),
         state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+        health: c.status.as_deref().and_then(health_from_status),
         status: c.status.unwrap_or_default(),
         network,
         ip_address,

@@ -386,6 +386,9 @@ impl Runtime for HollowRuntime {
         }
         let network_key = config.network.as_deref().unwrap_or("bridge");
         let net_id = st.resolve_network(network_key)?;
+        for extra in &config.extra_networks {
+            st.resolve_network(&extra.network)?;
+        }
         let id = new_id();
         let name = if config.name.is_empty() {
             format!("hollow_{}", &id[..12])
@@ -410,6 +413,8 @@ impl Runtime for HollowRuntime {
             ip_address: None,
             published: Vec::new(),
             created: now(),
+            // A hollow healthcheck passes at once.
+            health: config.healthcheck.as_ref().map(|_| "healthy".to_string()),
         };
         let mut lease = None;
         // What the simulated command printed before it ended or settled into running.
