@@ -215,7 +215,8 @@ impl Agent {
             c = tokio_tungstenite::connect_async_tls_with_config(
                 url,
                 None,
-                false,
+                // disable_nagle: replies are small frames that must not wait for an ACK.
+                true,
                 self.tls.clone().map(tokio_tungstenite::Connector::Rustls),
             ) => c,
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),

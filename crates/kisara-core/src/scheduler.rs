@@ -90,11 +90,14 @@ impl NodeSnapshot {
 
     /// Whether the node reported `image` (a reference as written in a request, or an id).
     pub fn image_presence(&self, image: &str) -> ImagePresence {
+        self.presence_of(image, &with_default_tag(image))
+    }
+
+    /// [`image_presence`](Self::image_presence) with the tagged form computed by the caller.
+    fn presence_of(&self, image: &str, tagged: &str) -> ImagePresence {
         match &self.images {
             None => ImagePresence::Unknown,
-            Some(set) if set.contains(image) || set.contains(&with_default_tag(image)) => {
-                ImagePresence::Present
-            }
+            Some(set) if set.contains(image) || set.contains(tagged) => ImagePresence::Present,
             Some(_) => ImagePresence::Absent,
         }
     }
@@ -366,14 +369,19 @@ pub fn place_by<'a>(
     );
     let mut best: Option<(Key<'_>, usize)> = None;
     let mut reasons = Vec::new();
+    // Normalized once, not once per node.
+    let image = req
+        .image
+        .as_ref()
+        .map(|i| (i.as_str(), with_default_tag(i)));
     for i in 0..len {
         let n = node(i);
         if let Err(r) = fits(n, req) {
             reasons.push((n.name.clone(), r));
             continue;
         }
-        let presence = match &req.image {
-            Some(img) => n.image_presence(img),
+        let presence = match &image {
+            Some((img, tagged)) => n.presence_of(img, tagged),
             None => ImagePresence::Unknown,
         };
         let load = load_after(n, req);

@@ -189,8 +189,15 @@ impl Server {
             match self.tls.clone() {
                 Some(tls) => Box::pin(serve_tls(listener, app, tls, graceful)),
                 None => Box::pin(
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async move { graceful.cancelled().await })
+                    // Agent channels are request/reply with small frames: Nagle's algorithm
+                    // against delayed ACKs would stall each reply by tens of milliseconds.
+                    axum::serve(
+                        axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                            let _ = tcp.set_nodelay(true);
+                        }),
+                        app,
+                    )
+                    .with_graceful_shutdown(async move { graceful.cancelled().await })
                         .into_future(),
                 ),
             };
