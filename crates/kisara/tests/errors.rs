@@ -223,9 +223,15 @@ async fn auth_and_malformed_json() {
         "/v1/containers/{id}/exec",
         "/v1/networks",
         "/v1/nodes",
+        "/v1/images/{reference}",
     ] {
         assert!(spec["paths"].get(path).is_some(), "openapi lacks {path}");
     }
+    let paths = spec["paths"].as_object().unwrap();
+    assert!(
+        paths.keys().all(|k| !k.contains("{*")),
+        "axum-only path syntax leaked into the OpenAPI document"
+    );
     k.assert_clean().await;
     k.stop().await;
 }

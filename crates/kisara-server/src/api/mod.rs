@@ -17,12 +17,15 @@ use utoipa_axum::routes;
 use crate::error::ApiError;
 use crate::{tokens, AppState};
 
+pub mod awd;
 pub mod bundles;
 pub mod containers;
 pub mod events;
 pub mod images;
+pub mod lifecycle;
 pub mod networks;
 pub mod nodes;
+pub mod services;
 pub mod webhooks;
 
 /// JSON body extractor whose rejections are 400s in Kisara's error shape.
@@ -67,7 +70,11 @@ where
     }
 }
 
-async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let presented = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -76,7 +83,11 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
         .map(str::trim);
     match presented {
         None => ApiError::unauthorized("missing bearer token").into_response(),
-        Some(t) if tokens::matches(state.admin_token(), t) => next.run(req).await,
+        Some(t) if tokens::matches(state.admin_token(), t) => {
+            // Handlers that answer secrets (flags) ask who is calling.
+            req.extensions_mut().insert(crate::instances::Caller::Admin);
+            next.run(req).await
+        }
         Some(_) => ApiError::unauthorized("invalid token").into_response(),
     }
 }
@@ -116,6 +127,13 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
         .routes(routes!(webhooks::create, webhooks::list))
         .routes(routes!(webhooks::remove))
         .routes(routes!(webhooks::deliveries))
+        .routes(routes!(services::launch, services::list))
+        .routes(routes!(services::get, services::remove))
+        .routes(routes!(lifecycle::renew))
+        .routes(routes!(awd::create, awd::list))
+        .routes(routes!(awd::inspect, awd::remove))
+        .routes(routes!(awd::rotate))
+        .routes(routes!(awd::reset))
         .split_for_parts();
     let (public, public_spec) = OpenApiRouter::new()
         .routes(routes!(healthz))
@@ -124,6 +142,20 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
         .split_for_parts();
     let mut spec = spec;
     spec.merge(public_spec);
+    // axum spells a catch-all segment `{*name}`; OpenAPI has no such template, so the
+    // document names it plainly (the value may hold `/`).
+    let catch_all: Vec<String> = spec
+        .paths
+        .paths
+        .keys()
+        .filter(|k| k.contains("{*"))
+        .cloned()
+        .collect();
+    for key in catch_all {
+        if let Some(item) = spec.paths.paths.remove(&key) {
+            spec.paths.paths.insert(key.replace("{*", "{"), item);
+        }
+    }
     let protected = protected
         .route("/v1/openapi.json", get(crate::openapi::serve))
         .route("/metrics", get(crate::metrics::serve))
@@ -137,6 +169,8 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
     let app = axum::Router::new()
         .merge(public.with_state(state.clone()))
         .route("/v1/agent/connect", get(crate::ws::connect))
+        // Agents' data connections for gateway tunnels (node credential, upgraded to bytes).
+        .route("/v1/agent/tunnel/{id}", get(crate::gateway::tunnel::accept))
         .with_state(state)
         .merge(protected);
     (app, spec)
