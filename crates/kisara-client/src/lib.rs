@@ -50,6 +50,7 @@ mod client;
 mod error;
 mod events;
 mod ndjson;
+mod services;
 
 pub use bundles::BundleLoadStream;
 pub use client::{ByteStream, Client, ClientBuilder, PullStream, DEFAULT_TIMEOUT};
@@ -58,7 +59,7 @@ pub use events::{EventStream, HookHandle, Hooks};
 
 /// The wire types, re-exported so that users need not depend on `kisara-api` themselves.
 pub use kisara_api::{
-    codes, container::*, events::kinds, image::*, labels, network::*, node::*,
+    codes, container::*, events::kinds, image::*, labels, network::*, node::*, service::*,
     CreateWebhookRequest, DeliveryAttempt, DeliveryState, ErrorBody, ErrorDetail, Event,
     EventQuery, Health, ListResponse, NodeError, Webhook, WebhookDelivery,
 };

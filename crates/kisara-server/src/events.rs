@@ -110,6 +110,29 @@ fn container_event(kind: &str, c: &Container, data: serde_json::Value) -> Event 
     }
 }
 
+/// A service's event: `data` names the service and its containers (`container_id` is unset,
+/// since a service is many).
+fn service_event(kind: &str, s: &kisara_api::Service) -> Event {
+    let containers: Vec<serde_json::Value> = s
+        .containers
+        .iter()
+        .map(|c| serde_json::json!({ "service": c.service, "id": c.id, "docker_id": c.docker_id }))
+        .collect();
+    Event {
+        node_id: Some(s.node_id.clone()),
+        owner: s.owner.clone(),
+        module: s.module.clone(),
+        data: serde_json::json!({
+            "service_id": s.id,
+            "name": s.name,
+            "containers": containers,
+            "ports": s.ports,
+            "host_port": s.host_port,
+        }),
+        ..event(kind)
+    }
+}
+
 impl EventBus {
     pub fn new(store: Store, cluster_id: String) -> Self {
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
@@ -274,6 +297,23 @@ impl EventBus {
         self.emit(
             container_event(kinds::CONTAINER_STOP, c, data),
             Some(&format!("{}:{}", kinds::CONTAINER_STOP, c.id)),
+        );
+    }
+
+    /// A multi-container service is up (every container running, healthy where it has a
+    /// healthcheck): once per service.
+    pub fn service_started(&self, s: &kisara_api::Service) {
+        self.emit(
+            service_event(kinds::SERVICE_START, s),
+            Some(&format!("{}:{}", kinds::SERVICE_START, s.id)),
+        );
+    }
+
+    /// A service was taken down through Kisara: once per service.
+    pub fn service_stopped(&self, s: &kisara_api::Service) {
+        self.emit(
+            service_event(kinds::SERVICE_STOP, s),
+            Some(&format!("{}:{}", kinds::SERVICE_STOP, s.id)),
         );
     }
 

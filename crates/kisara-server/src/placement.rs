@@ -325,6 +325,75 @@ impl Ledger {
         })
     }
 
+    /// Plans and reserves a group of containers (a service) on one node in one critical
+    /// section: the scheduler weighs their summed resources, and each member holds its own
+    /// share under its own id, released with it (or with the guards, uncommitted).
+    pub fn reserve_group(
+        &self,
+        members: &[(String, Resources)],
+        req: &PlacementRequest,
+        strategy: Option<Strategy>,
+    ) -> ApiResult<Vec<Reservation>> {
+        let now = now();
+        let total = members
+            .iter()
+            .fold(Resources::default(), |a, (_, r)| Resources {
+                memory_mb: a.memory_mb.saturating_add(r.memory_mb),
+                cpu_milli: a.cpu_milli.saturating_add(r.cpu_milli),
+            });
+        let group = PlacementRequest {
+            resources: total,
+            takes_slot: true,
+            ..req.clone()
+        };
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        for e in inner.nodes.iter_mut() {
+            e.snap.readiness = self.readiness(&e.live, now);
+        }
+        let snaps: Vec<&NodeSnapshot> = inner.nodes.iter().map(|e| &e.snap).collect();
+        let plan = place_refs(&snaps, &group, strategy.unwrap_or(self.strategy))?;
+        let entry = &mut inner.nodes[plan];
+        scheduler::fits(&entry.snap, &group).map_err(|r| {
+            ApiError::no_node(format!(
+                "node {} can no longer take it: {r}",
+                entry.snap.name
+            ))
+        })?;
+        let wanted = u32::try_from(members.len()).unwrap_or(u32::MAX);
+        if entry.snap.max_containers > 0
+            && entry.snap.containers.saturating_add(wanted) > entry.snap.max_containers
+        {
+            return Err(ApiError::no_node(format!(
+                "node {} has room for fewer than {wanted} more containers (max_containers {})",
+                entry.snap.name, entry.snap.max_containers
+            )));
+        }
+        let node_id = entry.snap.id.clone();
+        for (id, res) in members {
+            entry.snap.reserve(*res);
+            inner.held.insert(
+                id.clone(),
+                Held {
+                    node: plan,
+                    res: *res,
+                    committed: false,
+                },
+            );
+        }
+        drop(guard);
+        Ok(members
+            .iter()
+            .map(|(id, res)| Reservation {
+                ledger: self.clone(),
+                container_id: id.clone(),
+                node_id: node_id.clone(),
+                resources: *res,
+                committed: false,
+            })
+            .collect())
+    }
+
     /// Gives back what a container held; releasing twice (or an unknown id) does nothing.
     pub fn release(&self, container_id: &str) {
         let mut inner = self.lock();

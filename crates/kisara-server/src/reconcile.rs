@@ -114,6 +114,7 @@ pub async fn reconcile_node(
         tracing::info!(node = %node_id, adopted, dropped, "settled interrupted launches");
     }
     st.set_unknown_containers(node_id, unknown);
+    crate::api::services::reconcile_node(st, node_id).await;
 }
 
 /// Networks: rows written before the engine made them get their engine id, or are dropped;

@@ -19,7 +19,12 @@ use subtle::ConstantTimeEq;
 
 mod events;
 mod launch;
+mod services;
 pub use events::{AttemptOutcome, DeliveryCounts, PendingDelivery, WebhookRecord};
+pub use services::{
+    ServiceContainerMember, ServiceMembers, ServiceNetworkMember, ServiceRecord, SERVICE_LAUNCHING,
+    SERVICE_UP,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -93,6 +98,7 @@ const MIGRATIONS: &[&str] = &[
     events::MIGRATION_EVENTS,
     MIGRATION_SCHEDULING,
     launch::MIGRATION_LAUNCH,
+    services::MIGRATION_SERVICES,
 ];
 
 const MIGRATION_1: &str = r#"

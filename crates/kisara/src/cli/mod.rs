@@ -10,6 +10,7 @@ pub mod images;
 pub mod networks;
 pub mod nodes;
 pub mod output;
+pub mod services;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -111,6 +112,9 @@ pub enum ClientCommand {
     /// Networks.
     #[command(subcommand)]
     Network(networks::NetworkCommand),
+    /// Multi-container services from a compose file or a Kisara ServiceConfig.
+    #[command(subcommand)]
+    Service(services::ServiceCommand),
     /// Follow the cluster's events until Ctrl-C (`--kind container.`, `--since ID`).
     Events(events::EventsArgs),
     /// Nodes of the cluster. `kisara node` itself is shared with the agent (`kisara node
@@ -153,6 +157,7 @@ pub async fn run(args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Logs(a) => containers::logs(&client, a).await,
         ClientCommand::Image(c) => images::run(&client, &out, c).await,
         ClientCommand::Network(c) => networks::run(&client, &out, c).await,
+        ClientCommand::Service(c) => services::run(&client, &out, c).await,
         ClientCommand::Node(c) => nodes::run(&client, &out, c).await,
         ClientCommand::Events(a) => events::run(&client, &out, a).await,
     };

@@ -1,0 +1,1045 @@
+//! Multi-container services: launch from a compose file or Kisara's `ServiceConfig`, list,
+//! inspect, stop.
+//!
+//! A launch parses and validates everything first (pure, in `kisara_core`), then reserves room
+//! for every container on one node, writes the service's row and its containers' rows in
+//! `launching` (intent), makes the networks (fresh from the pool; the warm pool's spare serves
+//! the default network), and creates the containers in dependency order, waiting for
+//! `service_healthy` dependencies. It answers once every container with a healthcheck is
+//! healthy. On any failure everything it made is removed: containers, networks and their
+//! subnets, rows, reservations. The launch runs in a task of its own, so a caller that goes
+//! away mid-launch cannot leave half a service behind.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use kisara_api::agent::{InventoryContainer, Operation, Reply};
+use kisara_api::{
+    codes, host_port_string, labels, Container, ContainerState, ErrorBody, ExecRequest,
+    HealthState, ListResponse, Network, NodeError, Service, ServiceContainer, ServiceFilter,
+    ServiceNetwork, ServiceRequest, ServiceState,
+};
+use kisara_core::scheduler::{PlacementRequest, Resources};
+use kisara_core::service_plan::{
+    self, DependCondition, PlannedContainer, PlannedNetwork, ServiceContext, ServicePlan,
+};
+use kisara_core::{compose, service_config};
+use kisara_store::{
+    OptionalExt, ServiceContainerMember, ServiceNetworkMember, ServiceRecord, SERVICE_LAUNCHING,
+    SERVICE_UP,
+};
+
+use super::{ApiJson, ApiQuery};
+use crate::error::{status_for_code, ApiError, ApiResult};
+use crate::{new_id, now, placement, AppState};
+
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_HEALTH_TIMEOUT_SECS: u64 = 120;
+const MAX_HEALTH_TIMEOUT_SECS: u64 = 3600;
+/// How often health is read while waiting for it.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
+const LIST_DEADLINE: Duration = super::containers::LIST_DEADLINE;
+
+/// Launch a service on one node; answers once it is up (healthy where it has healthchecks).
+#[utoipa::path(post, path = "/v1/services", request_body = ServiceRequest,
+    responses((status = 201, body = Service), (status = 400, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 503, body = ErrorBody),
+              (status = 504, body = ErrorBody)))]
+pub async fn launch(
+    State(st): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<ServiceRequest>,
+) -> ApiResult<(StatusCode, Json<Service>)> {
+    let plan = plan_of(&req)?;
+    service_plan::validate(&plan, &st.settings)?;
+    let name = req
+        .name
+        .clone()
+        .or_else(|| plan.name.clone())
+        .unwrap_or_else(|| "service".to_string());
+    service_plan::check_member_name("service", &name)?;
+    let health_timeout = req
+        .health_timeout_secs
+        .unwrap_or(DEFAULT_HEALTH_TIMEOUT_SECS);
+    if health_timeout == 0 || health_timeout > MAX_HEALTH_TIMEOUT_SECS {
+        return Err(ApiError::bad_request(format!(
+            "health_timeout_secs must be 1..={MAX_HEALTH_TIMEOUT_SECS}"
+        )));
+    }
+    // Runs to the end (success or full cleanup) even if the caller hangs up.
+    let task_st = st.clone();
+    let task = tokio::spawn(async move {
+        launch_service(
+            &task_st,
+            req,
+            plan,
+            name,
+            Duration::from_secs(health_timeout),
+        )
+        .await
+    });
+    let service = task
+        .await
+        .map_err(|e| ApiError::internal(format!("service launch task failed: {e}")))??;
+    Ok((StatusCode::CREATED, Json(service)))
+}
+
+fn plan_of(req: &ServiceRequest) -> ApiResult<ServicePlan> {
+    match (&req.compose, &req.config) {
+        (Some(text), None) => Ok(compose::parse(text, &req.env)?),
+        (None, Some(config)) => {
+            if !req.env.is_empty() {
+                return Err(ApiError::bad_request(
+                    "env interpolates compose files; a ServiceConfig takes env per container",
+                ));
+            }
+            Ok(service_config::plan(config)?)
+        }
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "give either compose or config, not both",
+        )),
+        (None, None) => Err(ApiError::bad_request(
+            "a service needs compose (the file's text) or config (a Kisara ServiceConfig)",
+        )),
+    }
+}
+
+/// What a launch made on the node so far, for the cleanup of a failed one.
+#[derive(Default)]
+struct Made {
+    /// Kisara container id → Docker id.
+    containers: Vec<(String, String)>,
+    networks: Vec<Network>,
+}
+
+async fn launch_service(
+    st: &Arc<AppState>,
+    req: ServiceRequest,
+    plan: ServicePlan,
+    name: String,
+    health_timeout: Duration,
+) -> ApiResult<Service> {
+    let service_id = new_id();
+    // Existing networks (AWD game networks) pin the node.
+    let mut existing: BTreeMap<String, Network> = BTreeMap::new();
+    let mut pinned: Option<String> = None;
+    for n in &plan.networks {
+        let Some(want) = &n.existing else { continue };
+        let net = st.store.get_network(want).map_err(|_| {
+            ApiError::not_found(format!(
+                "network {:?} (of the service) does not exist",
+                want
+            ))
+        })?;
+        match &pinned {
+            Some(node) if *node != net.node_id => {
+                return Err(ApiError::bad_request(format!(
+                    "the service's existing networks live on different nodes ({node} and {})",
+                    net.node_id
+                )))
+            }
+            _ => pinned = Some(net.node_id.clone()),
+        }
+        existing.insert(n.name.clone(), net);
+    }
+    if let (Some(want), Some(node)) = (&req.node, &pinned) {
+        if placement::resolve_node(st, want)? != *node {
+            return Err(ApiError::bad_request(format!(
+                "the service's existing networks live on node {node}, not on {want}"
+            )));
+        }
+    }
+    let ids: Vec<String> = plan.containers.iter().map(|_| new_id()).collect();
+    let members: Vec<(String, Resources)> = plan
+        .containers
+        .iter()
+        .zip(&ids)
+        .map(|(c, id)| {
+            (
+                id.clone(),
+                Resources::new(
+                    c.memory_mb.unwrap_or(st.settings.defaults.memory_mb),
+                    c.cpus.unwrap_or(st.settings.defaults.cpus),
+                ),
+            )
+        })
+        .collect();
+    let preq = PlacementRequest {
+        node: pinned.or_else(|| req.node.clone()),
+        node_selector: req.node_selector.clone(),
+        resources: Resources::default(),
+        takes_slot: true,
+        image: plan.containers.first().map(|c| c.image.clone()),
+    };
+    // Released when dropped uncommitted (any early return below).
+    let reservations = match st.placement.reserve_group(&members, &preq, None) {
+        Ok(r) => r,
+        Err(e) => {
+            st.metrics.placement_failed(&e.code);
+            return Err(e);
+        }
+    };
+    let node_id = match reservations.first() {
+        Some(r) => r.node_id().to_string(),
+        None => return Err(ApiError::bad_request("the service has no containers")),
+    };
+    let session = st
+        .hub
+        .get(&node_id)
+        .ok_or_else(|| ApiError::node_unavailable(format!("node {node_id} is not connected")))?;
+
+    // Intent: the service's row and its containers' rows exist before anything on the node.
+    let mut rec = ServiceRecord {
+        id: service_id.clone(),
+        name: name.clone(),
+        node_id: node_id.clone(),
+        owner: req.owner.clone(),
+        module: req.module.clone(),
+        state: SERVICE_LAUNCHING.to_string(),
+        members: kisara_store::ServiceMembers {
+            containers: plan
+                .containers
+                .iter()
+                .zip(&ids)
+                .map(|(c, id)| ServiceContainerMember {
+                    service: c.service.clone(),
+                    container_id: id.clone(),
+                })
+                .collect(),
+            networks: Vec::new(),
+        },
+        created_at: now(),
+    };
+    st.store.insert_service(&rec)?;
+    let mut made = Made::default();
+    let mut rows_ok = true;
+    for ((c, id), (_, res)) in plan.containers.iter().zip(&ids).zip(&members) {
+        let row = container_row(id, &node_id, c, &req, &service_id)?;
+        if let Err(e) = st
+            .store
+            .insert_container_reserved(&row, res.memory_mb, res.cpu_milli)
+        {
+            tracing::warn!(service = %service_id, error = %e, "cannot record a service container");
+            rows_ok = false;
+            break;
+        }
+    }
+    let result = if rows_ok {
+        build(
+            st,
+            &req,
+            &plan,
+            &mut rec,
+            &ids,
+            &session.hello.public_address,
+            health_timeout,
+            &existing,
+            &mut made,
+        )
+        .await
+    } else {
+        Err(ApiError::internal("cannot record the service's containers"))
+    };
+    match result {
+        Ok(()) => {
+            rec.state = SERVICE_UP.to_string();
+            if let Err(e) = st.store.update_service(&rec) {
+                undo(st, &rec, &ids, &made).await;
+                return Err(e.into());
+            }
+            for r in reservations {
+                r.commit();
+            }
+            st.metrics.placements.inc();
+            let live = node_inventory(st, &node_id).await.ok();
+            let service = view(st, &rec, live.as_ref());
+            for c in &service.containers {
+                if let Ok(Some(row)) = st.store.get_container(&c.id).optional() {
+                    st.events.container_launched(&row);
+                }
+            }
+            st.events.service_started(&service);
+            tracing::info!(service = %service_id, node = %node_id, containers = ids.len(), "service launched");
+            Ok(service)
+        }
+        Err(e) => {
+            undo(st, &rec, &ids, &made).await;
+            tracing::info!(service = %service_id, error = %e, "service launch failed; everything it made was removed");
+            Err(e)
+        }
+    }
+}
+
+/// A container's row before the node makes it (state `launching`).
+fn container_row(
+    id: &str,
+    node_id: &str,
+    c: &PlannedContainer,
+    req: &ServiceRequest,
+    service_id: &str,
+) -> ApiResult<Container> {
+    let mut row_labels = c.labels.clone();
+    row_labels.insert(labels::SERVICE.to_string(), service_id.to_string());
+    row_labels.insert(labels::SERVICE_MEMBER.to_string(), c.service.clone());
+    // Built through serde so that fields other parts of Kisara add to `Container` (with their
+    // serde defaults) need no change here.
+    serde_json::from_value(serde_json::json!({
+        "id": id,
+        "docker_id": "",
+        "name": service_plan::container_docker_name(service_id, &c.service),
+        "node_id": node_id,
+        "image": c.image,
+        "owner": req.owner,
+        "module": req.module,
+        "labels": row_labels,
+        "network": null,
+        "ip_address": null,
+        "state": "launching",
+        "status": "launching",
+        "ports": [],
+        "host_port": "",
+        "created_at": now(),
+    }))
+    .map_err(|e| ApiError::internal(format!("container row: {e}")))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn build(
+    st: &Arc<AppState>,
+    req: &ServiceRequest,
+    plan: &ServicePlan,
+    rec: &mut ServiceRecord,
+    ids: &[String],
+    public_address: &str,
+    health_timeout: Duration,
+    existing: &BTreeMap<String, Network>,
+    made: &mut Made,
+) -> ApiResult<()> {
+    let node_id = rec.node_id.clone();
+    let service_id = rec.id.clone();
+    let mut ctx = ServiceContext {
+        cluster_id: st.cluster_id.clone(),
+        service_id: service_id.clone(),
+        node_id: node_id.clone(),
+        owner: req.owner.clone(),
+        module: req.module.clone(),
+        networks: BTreeMap::new(),
+    };
+    // Networks, all at once.
+    let fresh: Vec<&PlannedNetwork> = plan
+        .networks
+        .iter()
+        .filter(|n| n.existing.is_none())
+        .collect();
+    let results = futures::future::join_all(
+        fresh
+            .iter()
+            .map(|n| make_network(st, &node_id, &service_id, n, req.internet)),
+    )
+    .await;
+    let mut first_error = None;
+    for (n, r) in fresh.iter().zip(results) {
+        match r {
+            Ok(net) => {
+                rec.members.networks.push(ServiceNetworkMember {
+                    name: n.name.clone(),
+                    network_id: net.id.clone(),
+                    owned: true,
+                });
+                ctx.networks.insert(n.name.clone(), net.name.clone());
+                made.networks.push(net);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    for (name, net) in existing {
+        rec.members.networks.push(ServiceNetworkMember {
+            name: name.clone(),
+            network_id: net.id.clone(),
+            owned: false,
+        });
+        ctx.networks.insert(name.clone(), net.name.clone());
+    }
+    st.store.update_service(rec)?;
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+
+    // Containers, in waves: each as soon as what it depends on is up (healthy where asked).
+    let deadline = tokio::time::Instant::now() + health_timeout;
+    let mut started: HashMap<String, String> = HashMap::new(); // service → docker id
+    let mut healthy: BTreeSet<String> = BTreeSet::new();
+    let mut pending: Vec<usize> = (0..plan.containers.len()).collect();
+    while !pending.is_empty() {
+        let wave: Vec<usize> = pending
+            .iter()
+            .copied()
+            .filter(|&i| {
+                plan.containers[i]
+                    .depends_on
+                    .iter()
+                    .all(|d| started.contains_key(&d.service))
+            })
+            .collect();
+        if wave.is_empty() {
+            // Cannot happen for a plan in start order; never loop forever if it does.
+            return Err(ApiError::internal("no container of the service can start"));
+        }
+        let mut waits: BTreeMap<String, String> = BTreeMap::new(); // dependency → needed by
+        for &i in &wave {
+            let c = &plan.containers[i];
+            for d in &c.depends_on {
+                if d.condition == DependCondition::Healthy && !healthy.contains(&d.service) {
+                    waits
+                        .entry(d.service.clone())
+                        .or_insert_with(|| c.service.clone());
+                }
+            }
+        }
+        let checks = waits.iter().map(|(dep, by)| {
+            let docker_id = started.get(dep).cloned().unwrap_or_default();
+            let node_id = node_id.clone();
+            async move { wait_healthy(st, &node_id, &docker_id, dep, Some(by), deadline).await }
+        });
+        for r in futures::future::join_all(checks).await {
+            r?;
+        }
+        healthy.extend(waits.into_keys());
+        let launches = wave
+            .iter()
+            .map(|&i| launch_one(st, &plan.containers[i], &ids[i], &ctx, public_address));
+        let results = futures::future::join_all(launches).await;
+        let mut first_error = None;
+        for (&i, r) in wave.iter().zip(results) {
+            match r {
+                Ok(docker_id) => {
+                    made.containers.push((ids[i].clone(), docker_id.clone()));
+                    started.insert(plan.containers[i].service.clone(), docker_id);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        pending.retain(|i| !wave.contains(i));
+    }
+
+    // Up means healthy wherever there is a healthcheck (the file's or the image's).
+    let checks = plan
+        .containers
+        .iter()
+        .filter(|c| !healthy.contains(&c.service))
+        .filter(|c| {
+            c.healthcheck
+                .as_ref()
+                .is_none_or(|h| h.test.first().map(String::as_str) != Some("NONE"))
+        })
+        .map(|c| {
+            let docker_id = started.get(&c.service).cloned().unwrap_or_default();
+            let node_id = node_id.clone();
+            let has_check = c.healthcheck.is_some();
+            async move {
+                if has_check {
+                    wait_healthy(st, &node_id, &docker_id, &c.service, None, deadline).await
+                } else {
+                    wait_image_health(st, &node_id, &docker_id, &c.service, deadline).await
+                }
+            }
+        });
+    for r in futures::future::join_all(checks).await {
+        r?;
+    }
+
+    for (c, id) in plan.containers.iter().zip(ids) {
+        let docker_id = started.get(&c.service).cloned().unwrap_or_default();
+        place_flags(st, &node_id, c, id, &docker_id).await?;
+    }
+    Ok(())
+}
+
+/// A fresh network for the service: the warm pool's spare for the plain default network, else
+/// a new one from the subnet pool, owned by the service and removed with it.
+async fn make_network(
+    st: &Arc<AppState>,
+    node_id: &str,
+    service_id: &str,
+    n: &PlannedNetwork,
+    internet: bool,
+) -> ApiResult<Network> {
+    let spare_fits =
+        n.name == compose::DEFAULT_NETWORK && !internet && !n.internal && n.labels.is_empty();
+    if spare_fits {
+        if let Some(net) = crate::warm::claim(st, node_id, service_id) {
+            return Ok(net);
+        }
+    }
+    let mut net_labels = n.labels.clone();
+    net_labels.insert(labels::OWNED_BY.to_string(), service_id.to_string());
+    net_labels.insert(labels::SERVICE.to_string(), service_id.to_string());
+    net_labels.insert(labels::SERVICE_MEMBER.to_string(), n.name.clone());
+    let made = super::networks::create_on_node(
+        st,
+        node_id,
+        &service_plan::network_docker_name(service_id, &n.name),
+        None,
+        n.internal,
+        internet,
+        Some(service_id.to_string()),
+        net_labels,
+    )
+    .await;
+    match made {
+        Ok(net) => Ok(net),
+        Err(e) if e.code == codes::POOL_EXHAUSTED && spare_fits => {
+            crate::warm::wait_for_spare(st, node_id, service_id)
+                .await
+                .ok_or(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Resolves, creates and starts one container, and records what the node reported.
+async fn launch_one(
+    st: &Arc<AppState>,
+    c: &PlannedContainer,
+    id: &str,
+    ctx: &ServiceContext,
+    public_address: &str,
+) -> ApiResult<String> {
+    let config = service_plan::container_config(c, &st.settings, ctx, id)?;
+    let reply = st
+        .hub
+        .call(
+            &ctx.node_id,
+            Operation::Launch {
+                config: Box::new(config),
+            },
+            LAUNCH_TIMEOUT,
+        )
+        .await
+        .map_err(|e| ApiError {
+            message: format!("service {}: {}", c.service, e.message),
+            ..e
+        })?;
+    let inv = match reply {
+        Reply::Launched(inv) => inv,
+        other => {
+            return Err(ApiError::internal(format!(
+                "unexpected reply to launch: {other:?}"
+            )))
+        }
+    };
+    let mut row = st.store.get_container(id)?;
+    row.docker_id = inv.docker_id.clone();
+    row.name = inv.name.trim_start_matches('/').to_string();
+    row.network = inv.network.clone();
+    row.ip_address = inv.ip_address.clone();
+    row.state = ContainerState::from_docker(&inv.state);
+    row.status = inv.status.clone();
+    row.ports = super::containers::bindings(&inv, public_address);
+    row.host_port = host_port_string(&row.ports);
+    if let Err(e) = st.store.complete_container(&row) {
+        // Returned with its Docker id so the cleanup removes it.
+        remove_container(st, &ctx.node_id, &inv.docker_id).await;
+        return Err(e.into());
+    }
+    Ok(inv.docker_id)
+}
+
+/// The one place where flags enter a service's containers: each planned flag's command runs
+/// in its container once the service is up (Kisara's `ServiceConfig` `flag_command`). The
+/// flag engine (dynamic flags, rotation) hooks in here. Neither the command nor its output is
+/// logged or returned: both may carry the flag.
+async fn place_flags(
+    st: &Arc<AppState>,
+    node_id: &str,
+    c: &PlannedContainer,
+    _container_id: &str,
+    docker_id: &str,
+) -> ApiResult<()> {
+    for f in &c.flags {
+        if f.command.trim().is_empty() {
+            continue;
+        }
+        let request = ExecRequest {
+            cmd: vec!["sh".into(), "-c".into(), f.command.clone()],
+            timeout_secs: Some(30),
+            ..Default::default()
+        };
+        let r = st
+            .hub
+            .call(
+                node_id,
+                Operation::Exec {
+                    docker_id: docker_id.to_string(),
+                    request,
+                },
+                Duration::from_secs(40),
+            )
+            .await?;
+        match r {
+            Reply::Exec(x) if x.exit_code == Some(0) => {}
+            Reply::Exec(x) => {
+                return Err(ApiError::conflict(format!(
+                    "service {}: the flag command of flag {:?} failed (exit code {:?}{})",
+                    c.service,
+                    f.uuid,
+                    x.exit_code,
+                    if x.timed_out { ", timed out" } else { "" }
+                )))
+            }
+            other => {
+                return Err(ApiError::internal(format!(
+                    "unexpected reply to exec: {other:?}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn timeout_error(msg: String) -> ApiError {
+    ApiError::new(status_for_code(codes::TIMEOUT), codes::TIMEOUT, msg)
+}
+
+async fn inspect(
+    st: &Arc<AppState>,
+    node_id: &str,
+    docker_id: &str,
+) -> ApiResult<InventoryContainer> {
+    match st
+        .hub
+        .call(
+            node_id,
+            Operation::Inspect {
+                docker_id: docker_id.to_string(),
+            },
+            CALL_TIMEOUT,
+        )
+        .await?
+    {
+        Reply::Container(inv) => Ok(inv),
+        other => Err(ApiError::internal(format!(
+            "unexpected reply to inspect: {other:?}"
+        ))),
+    }
+}
+
+/// Waits until a container's healthcheck passes; fails at once when it turns unhealthy or the
+/// container stops, and at the deadline.
+async fn wait_healthy(
+    st: &Arc<AppState>,
+    node_id: &str,
+    docker_id: &str,
+    service: &str,
+    needed_by: Option<&str>,
+    deadline: tokio::time::Instant,
+) -> ApiResult<()> {
+    let why = match needed_by {
+        Some(by) => format!(" ({by} depends on it with condition service_healthy)"),
+        None => String::new(),
+    };
+    loop {
+        let inv = inspect(st, node_id, docker_id).await?;
+        match (inv.state.as_str(), inv.health.as_deref()) {
+            (_, Some("healthy")) => return Ok(()),
+            (_, Some("unhealthy")) => {
+                return Err(ApiError::conflict(format!(
+                    "service {service} is unhealthy{why}"
+                )))
+            }
+            ("running" | "restarting" | "created", Some(_)) => {}
+            ("running", None) => {
+                return Err(ApiError::bad_request(format!(
+                    "service {service} has no healthcheck{why}"
+                )))
+            }
+            (state, _) => {
+                return Err(ApiError::conflict(format!(
+                    "service {service} stopped before it was healthy (state {state}, {}){why}",
+                    inv.status
+                )))
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(timeout_error(format!(
+                "service {service} was not healthy within the health timeout{why}"
+            )));
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
+/// A container without a healthcheck in the file may have one from its image: wait for that
+/// one too, and for nothing when there is none.
+async fn wait_image_health(
+    st: &Arc<AppState>,
+    node_id: &str,
+    docker_id: &str,
+    service: &str,
+    deadline: tokio::time::Instant,
+) -> ApiResult<()> {
+    let inv = inspect(st, node_id, docker_id).await?;
+    if inv.health.is_none() {
+        return Ok(());
+    }
+    wait_healthy(st, node_id, docker_id, service, None, deadline).await
+}
+
+async fn remove_container(st: &Arc<AppState>, node_id: &str, docker_id: &str) -> bool {
+    if docker_id.is_empty() {
+        return true;
+    }
+    let r = st
+        .hub
+        .call(
+            node_id,
+            Operation::Remove {
+                docker_id: docker_id.to_string(),
+                force: true,
+            },
+            CALL_TIMEOUT,
+        )
+        .await;
+    match r {
+        Ok(_) => true,
+        Err(e) if e.code == codes::NOT_FOUND => true,
+        Err(e) => {
+            tracing::warn!(container = %docker_id, error = %e, "could not remove a service container");
+            false
+        }
+    }
+}
+
+/// Removes everything a failed launch made: containers, networks (with their subnets), rows.
+async fn undo(st: &Arc<AppState>, rec: &ServiceRecord, ids: &[String], made: &Made) {
+    futures::future::join_all(
+        made.containers
+            .iter()
+            .map(|(_, docker_id)| remove_container(st, &rec.node_id, docker_id)),
+    )
+    .await;
+    for id in ids {
+        let _ = st.store.delete_container(id);
+    }
+    for net in &made.networks {
+        super::networks::destroy(st, net).await;
+    }
+    // Networks recorded but not in `made` (a create that failed after its row) are settled by
+    // `networks::create_on_node` itself; anything owned by the service that is still recorded
+    // goes too.
+    for net in st.store.networks_owned_by(&rec.id).unwrap_or_default() {
+        super::networks::destroy(st, &net).await;
+    }
+    let _ = st.store.delete_service(&rec.id);
+}
+
+/// Services, their containers' state and health read live from their nodes.
+#[utoipa::path(get, path = "/v1/services", params(ServiceFilter),
+    responses((status = 200, body = ListResponse<Service>)))]
+pub async fn list(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(filter): ApiQuery<ServiceFilter>,
+) -> ApiResult<Json<ListResponse<Service>>> {
+    let node = match &filter.node {
+        Some(n) => Some(placement::resolve_node(&st, n)?),
+        None => None,
+    };
+    let recs = st.store.list_services(
+        filter.owner.as_deref(),
+        filter.module.as_deref(),
+        node.as_deref(),
+    )?;
+    let mut nodes: Vec<String> = recs.iter().map(|r| r.node_id.clone()).collect();
+    nodes.sort();
+    nodes.dedup();
+    let answers = futures::future::join_all(nodes.iter().map(|n| node_inventory(&st, n))).await;
+    let mut live = HashMap::new();
+    let mut node_errors = Vec::new();
+    for (n, a) in nodes.into_iter().zip(answers) {
+        match a {
+            Ok(m) => {
+                live.insert(n, m);
+            }
+            Err(e) => node_errors.push(NodeError {
+                node_id: n,
+                error: e.body().error,
+            }),
+        }
+    }
+    let items = recs
+        .iter()
+        .map(|r| view(&st, r, live.get(&r.node_id)))
+        .collect();
+    Ok(Json(ListResponse { items, node_errors }))
+}
+
+/// One service (by id, or by name when it is unique).
+#[utoipa::path(get, path = "/v1/services/{id}",
+    params(("id" = String, Path, description = "service id or name")),
+    responses((status = 200, body = Service), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Service>> {
+    let rec = st.store.get_service(&id)?;
+    let live = node_inventory(&st, &rec.node_id).await.ok();
+    Ok(Json(view(&st, &rec, live.as_ref())))
+}
+
+/// Stop a service: every container and every network made for it is removed.
+#[utoipa::path(delete, path = "/v1/services/{id}",
+    params(("id" = String, Path, description = "service id or name")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+pub async fn remove(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let rec = st.store.get_service(&id)?;
+    if rec.state == SERVICE_LAUNCHING {
+        return Err(ApiError::conflict(format!(
+            "service {} is still being launched; try again in a moment",
+            rec.id
+        )));
+    }
+    let task_st = st.clone();
+    tokio::spawn(async move { take_down(&task_st, &rec).await })
+        .await
+        .map_err(|e| ApiError::internal(format!("service stop task failed: {e}")))??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn take_down(st: &Arc<AppState>, rec: &ServiceRecord) -> ApiResult<()> {
+    let service = view(st, rec, None);
+    let rows: Vec<Container> = rec
+        .members
+        .containers
+        .iter()
+        .filter_map(|m| {
+            st.store
+                .get_container(&m.container_id)
+                .optional()
+                .ok()
+                .flatten()
+        })
+        .collect();
+    let removals = rows.iter().map(|c| async move {
+        if c.state == ContainerState::Gone {
+            return Ok(());
+        }
+        let r = st
+            .hub
+            .call(
+                &c.node_id,
+                Operation::Remove {
+                    docker_id: c.docker_id.clone(),
+                    force: true,
+                },
+                CALL_TIMEOUT,
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == codes::NOT_FOUND => Ok(()),
+            Err(e) => Err(e),
+        }
+    });
+    let results = futures::future::join_all(removals).await;
+    let mut first_error = None;
+    for (c, r) in rows.iter().zip(results) {
+        match r {
+            Ok(()) => {
+                st.store.delete_container(&c.id)?;
+                st.placement.release(&c.id);
+                st.events.container_stopped(c);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        // The service stays, with what is left of it; a retry finishes the job.
+        return Err(e);
+    }
+    for m in &rec.members.networks {
+        if !m.owned {
+            continue;
+        }
+        if let Ok(net) = st.store.get_network(&m.network_id) {
+            super::networks::destroy(st, &net).await;
+        }
+    }
+    st.store.delete_service(&rec.id)?;
+    st.events.service_stopped(&service);
+    tracing::info!(service = %rec.id, "service removed");
+    Ok(())
+}
+
+/// The labelled containers of one node, by Docker id, within the list deadline.
+async fn node_inventory(
+    st: &Arc<AppState>,
+    node_id: &str,
+) -> ApiResult<HashMap<String, InventoryContainer>> {
+    match st
+        .hub
+        .call(node_id, Operation::ListContainers, LIST_DEADLINE)
+        .await?
+    {
+        Reply::Containers(cs) => Ok(cs.into_iter().map(|c| (c.docker_id.clone(), c)).collect()),
+        other => Err(ApiError::internal(format!("unexpected reply: {other:?}"))),
+    }
+}
+
+/// A service as the API shows it: its rows, with state and health from the node's inventory
+/// where it answered (`live`).
+fn view(
+    st: &AppState,
+    rec: &ServiceRecord,
+    live: Option<&HashMap<String, InventoryContainer>>,
+) -> Service {
+    let mut containers = Vec::new();
+    for m in &rec.members.containers {
+        let row = st
+            .store
+            .get_container(&m.container_id)
+            .optional()
+            .ok()
+            .flatten();
+        let mut sc = ServiceContainer {
+            service: m.service.clone(),
+            id: m.container_id.clone(),
+            docker_id: String::new(),
+            name: service_plan::container_docker_name(&rec.id, &m.service),
+            image: String::new(),
+            state: ContainerState::Gone,
+            status: "removed".into(),
+            health: None,
+            ip_address: None,
+            ports: Vec::new(),
+            host_port: String::new(),
+        };
+        if let Some(row) = row {
+            sc.docker_id = row.docker_id.clone();
+            sc.name = row.name.clone();
+            sc.image = row.image.clone();
+            sc.state = row.state;
+            sc.status = row.status.clone();
+            sc.ip_address = row.ip_address.clone();
+            sc.ports = row.ports.clone();
+            sc.host_port = row.host_port.clone();
+            if !matches!(row.state, ContainerState::Launching | ContainerState::Gone) {
+                match live {
+                    None if row.state == ContainerState::Lost => {}
+                    None => sc.state = ContainerState::Unknown,
+                    Some(m) => match m.get(&row.docker_id) {
+                        Some(inv) => {
+                            sc.state = ContainerState::from_docker(&inv.state);
+                            sc.status = inv.status.clone();
+                            sc.health = inv.health.as_deref().and_then(HealthState::from_docker);
+                            sc.ip_address = inv.ip_address.clone().or(sc.ip_address);
+                        }
+                        None => {
+                            sc.state = ContainerState::Gone;
+                            sc.status = "removed outside Kisara".into();
+                        }
+                    },
+                }
+            }
+        }
+        containers.push(sc);
+    }
+    let state = if rec.state == SERVICE_LAUNCHING {
+        ServiceState::Launching
+    } else if containers
+        .iter()
+        .any(|c| matches!(c.state, ContainerState::Unknown | ContainerState::Lost))
+    {
+        ServiceState::Unknown
+    } else if containers.iter().all(|c| {
+        c.state == ContainerState::Running && matches!(c.health, None | Some(HealthState::Healthy))
+    }) {
+        ServiceState::Running
+    } else if containers
+        .iter()
+        .all(|c| c.state == ContainerState::Running && c.health != Some(HealthState::Unhealthy))
+    {
+        ServiceState::Starting
+    } else {
+        ServiceState::Degraded
+    };
+    let networks = rec
+        .members
+        .networks
+        .iter()
+        .map(|m| {
+            let net = st.store.get_network(&m.network_id).ok();
+            ServiceNetwork {
+                name: m.name.clone(),
+                id: m.network_id.clone(),
+                docker_name: net.as_ref().map(|n| n.name.clone()).unwrap_or_default(),
+                subnet: net.map(|n| n.subnet).unwrap_or_default(),
+                owned: m.owned,
+            }
+        })
+        .collect();
+    let ports: Vec<_> = containers.iter().flat_map(|c| c.ports.clone()).collect();
+    Service {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        node_id: rec.node_id.clone(),
+        owner: rec.owner.clone(),
+        module: rec.module.clone(),
+        state,
+        host_port: host_port_string(&ports),
+        ports,
+        containers,
+        networks,
+        created_at: rec.created_at,
+    }
+}
+
+/// Settles services a crash interrupted mid-launch on this node (called when its inventory is
+/// reconciled): what they made is removed, like a failed launch. Only services from before
+/// this server process started are touched: a launch of this process may still be running.
+pub async fn reconcile_node(st: &Arc<AppState>, node_id: &str) {
+    let recs = match st.store.list_services(None, None, Some(node_id)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(node = %node_id, error = %e, "reconcile: cannot read services");
+            return;
+        }
+    };
+    for rec in recs {
+        if rec.state != SERVICE_LAUNCHING || rec.created_at >= st.started_at {
+            continue;
+        }
+        let mut made = Made::default();
+        let ids: Vec<String> = rec
+            .members
+            .containers
+            .iter()
+            .map(|m| m.container_id.clone())
+            .collect();
+        for id in &ids {
+            if let Ok(Some(c)) = st.store.get_container(id).optional() {
+                made.containers.push((c.id.clone(), c.docker_id.clone()));
+                st.placement.release(&c.id);
+            }
+        }
+        undo(st, &rec, &ids, &made).await;
+        tracing::info!(service = %rec.id, node = %node_id, "dropped a service launch a crash interrupted");
+    }
+}
