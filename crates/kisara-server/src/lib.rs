@@ -198,7 +198,7 @@ impl Server {
                         app,
                     )
                     .with_graceful_shutdown(async move { graceful.cancelled().await })
-                        .into_future(),
+                    .into_future(),
                 ),
             };
         let mut serve = serve;
