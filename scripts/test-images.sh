@@ -6,6 +6,8 @@
 #   scripts/test-images.sh --force   rebuild even if the image exists
 #
 # Images:
+#   kisara-test/udp-echo:latest  scripts/fixtures/kfix.c built static (UDP echo, TCP echo/sink/
+#                                source) + busybox; see scripts/fixture-image.sh.
 #   kisara-test/busybox:latest   /bin/busybox + applet links, /etc/passwd (root, nobody), /tmp,
 #                                /www/index.html; CMD ["/bin/sh"].
 # Mind: this busybox's `wget` segfaults; probe HTTP with
@@ -17,7 +19,7 @@ FORCE=0
 for arg in "$@"; do
     case "$arg" in
         --force) FORCE=1 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -31,8 +33,14 @@ if ! docker info >/dev/null 2>&1; then
     log "cannot reach the Docker Engine (is dockerd running? DOCKER_HOST=${DOCKER_HOST:-unset})"; exit 1
 fi
 
+# The second image (UDP/TCP fixture, kisara-test/udp-echo) needs the busybox binary installed
+# below; it is built after the busybox image, or here when that one is already present.
+fixture_image() {
+    if [[ $FORCE -eq 1 ]]; then "$(dirname "$0")/fixture-image.sh" --force; else "$(dirname "$0")/fixture-image.sh"; fi
+}
 if [[ $FORCE -eq 0 ]] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
     log "$IMAGE already present (use --force to rebuild)"
+    fixture_image
     exit 0
 fi
 
@@ -91,3 +99,4 @@ if [[ $(docker run --rm "$IMAGE" sh -c 'echo ok') != ok ]]; then
     log "$IMAGE does not run"; exit 1
 fi
 log "built $IMAGE"
+fixture_image

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 mod fetch;
+mod tunnel;
 
 /// How the agent joins and what it advertises.
 #[derive(Debug, Clone)]
@@ -71,6 +72,8 @@ pub struct Agent {
     engine_events: Arc<events::EngineEvents>,
     /// Trust for a `wss://` server: only certificates signed by this CA.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// How this node exposes ports (announced in the hello).
+    exposure: kisara_api::NodeExposure,
 }
 
 /// Heartbeats between two reports of the engine's images (a minute at the default 5 s).
@@ -92,7 +95,14 @@ impl Agent {
             opts,
             engine_events: Default::default(),
             tls: None,
+            exposure: Default::default(),
         }
+    }
+
+    /// Announces how this node exposes ports: mode, host-port range, bandwidth caps.
+    pub fn with_exposure(mut self, exposure: kisara_api::NodeExposure) -> Self {
+        self.exposure = exposure;
+        self
     }
 
     /// Trusts, for an `https://` server, only certificates signed by the CA in `path` (PEM).
@@ -237,6 +247,7 @@ impl Agent {
             public_address: self.opts.public_address.clone(),
             labels: self.opts.labels.clone(),
             max_containers: self.opts.max_containers,
+            exposure: self.exposure.clone(),
         };
         let text = serde_json::to_string(&AgentMessage::Hello(hello)).unwrap_or_default();
         if let Err(e) = ws.send(Message::text(text)).await {
@@ -276,6 +287,14 @@ impl Agent {
             _ => return Ok(SessionEnd::Failed("no welcome from the server".into())),
         };
         tracing::info!(%node_id, "joined the cluster");
+        // Data connections of gateway tunnels, dialled per visitor.
+        let dialer = tunnel::Dialer::new(
+            &self.opts.server_url,
+            self.tls.clone(),
+            node_id.clone(),
+            self.load_identity().map(|i| i.credential),
+        )
+        .map(Arc::new);
         let fetch = Arc::new(fetch::Fetcher::new(
             &self.opts.server_url,
             node_id.clone(),
@@ -368,6 +387,38 @@ impl Agent {
                 Some(Ok(_)) => continue,
             };
             match serde_json::from_str::<ServerMessage>(&text) {
+                Ok(ServerMessage::Request {
+                    id,
+                    op:
+                        Operation::OpenTunnel {
+                            tunnel_id,
+                            target,
+                            protocol,
+                        },
+                }) => match &dialer {
+                    // Owned by the session: a dropped channel ends its tunnels too.
+                    Some(d) => {
+                        tasks.spawn(tunnel::open(
+                            d.clone(),
+                            id,
+                            tunnel_id,
+                            target,
+                            protocol,
+                            tx.clone(),
+                        ));
+                    }
+                    None => {
+                        let _ = tx
+                            .send(AgentMessage::Reply {
+                                id,
+                                result: Err(ErrorBody::new(
+                                    codes::RUNTIME,
+                                    "this agent cannot dial its server for tunnels",
+                                )),
+                            })
+                            .await;
+                    }
+                },
                 Ok(ServerMessage::Request { id, op }) => {
                     if let Operation::Stop { docker_id, .. } | Operation::Remove { docker_id, .. } =
                         &op
@@ -508,6 +559,10 @@ async fn serve(
             fetch::load_images_from(rt, id, &url_path, fetch, tx).await;
             return;
         }
+        // Served by the session loop, which owns the tunnels' tasks.
+        Operation::OpenTunnel { .. } => reply(Err(RuntimeError::BadRequest(
+            "tunnels are opened by the session".into(),
+        ))),
         Operation::PullImage { reference } => {
             let s = rt.pull_image(&reference);
             forward(id, s, tx).await;

@@ -58,6 +58,9 @@ pub struct Hello {
     pub labels: BTreeMap<String, String>,
     /// Kisara's `max_container`; 0 = unlimited.
     pub max_containers: u32,
+    /// How this node exposes ports (absent from older agents: the server's defaults).
+    #[serde(default)]
+    pub exposure: crate::NodeExposure,
 }
 
 /// Frames the agent sends.
@@ -192,6 +195,16 @@ pub enum Operation {
     LoadImagesFrom {
         url_path: String,
     },
+    /// A visitor reached the gateway: connect to `target` (the container's private
+    /// `ip:port`), then open a data connection of its own to the server
+    /// (`GET /v1/agent/tunnel/{tunnel_id}`, upgraded to raw bytes) and copy both ways. UDP
+    /// datagrams travel on it length-prefixed. Answers `Done` once the data connection is
+    /// up, or an error (the container refused, the server could not be reached).
+    OpenTunnel {
+        tunnel_id: String,
+        target: String,
+        protocol: crate::Protocol,
+    },
 }
 
 /// Answers to [`Operation`]s that are not streams.
@@ -249,6 +262,10 @@ pub struct ContainerConfig {
     /// Docker restart policy: `no`, `always`, `unless-stopped`, `on-failure[:N]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,
+    /// Host port leased for a port (`80/tcp` → 30001); ports not named here get one the
+    /// engine chooses.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_ports: BTreeMap<String, u16>,
 }
 
 /// A container's healthcheck, in the engine's terms.
@@ -374,6 +391,7 @@ mod tests {
             public_address: "127.0.0.1".into(),
             labels: BTreeMap::new(),
             max_containers: 0,
+            exposure: Default::default(),
         };
         let d = format!("{h:?}");
         assert!(!d.contains("topsecret") && !d.contains("alsosecret"), "{d}");

@@ -88,6 +88,14 @@ pub struct LaunchRequest {
     /// container back. Also accepted as the `Idempotency-Key` header.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// How the ports are exposed (`host` or `gateway`); the node's mode, else the server's
+    /// default, when absent.
+    #[serde(default)]
+    pub expose: Option<crate::ExposeMode>,
+    /// Bandwidth cap of this instance's exposed traffic in kbit/s, each direction (enforced
+    /// in gateway mode).
+    #[serde(default)]
+    pub bandwidth_kbps: Option<u64>,
 }
 
 /// Transport protocol of a port.
@@ -211,6 +219,9 @@ pub struct Container {
     pub host_port: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// Bytes the gateway carried for it (gateway mode; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<crate::Traffic>,
 }
 
 /// Filters for `GET /v1/containers`.

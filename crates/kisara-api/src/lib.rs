@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod container;
 pub mod error;
 pub mod events;
+pub mod exposure;
 pub mod image;
 pub mod network;
 pub mod node;
@@ -22,6 +23,7 @@ pub use events::{
     CreateWebhookRequest, DeliveryAttempt, DeliveryState, Event, EventFilter, EventQuery, Webhook,
     WebhookDelivery,
 };
+pub use exposure::{ExposeMode, NodeExposure, PortRange, Traffic};
 pub use image::*;
 pub use network::*;
 pub use node::*;

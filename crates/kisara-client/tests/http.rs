@@ -50,6 +50,7 @@ fn container(name: &str) -> Container {
         ports: vec![],
         host_port: String::new(),
         created_at: 0,
+        traffic: None,
     }
 }
 

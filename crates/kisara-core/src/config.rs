@@ -19,7 +19,7 @@
 //! | `kisaraClient.network_cidrs` | `server.subnet_pool` and `node.subnet_pool` (a string with comma-separated entries, or a list) |
 //! | `kisaraClient.max_container` | `node.max_containers` |
 //! | `kisaraClient.address` | `node.public_address` (unless it is an unspecified address such as `0.0.0.0`) |
-//! | `kisaraClient.network_in`, `network_out` | `node.network_in`, `node.network_out` (kept for bandwidth limits, not applied yet) |
+//! | `kisaraClient.network_in`, `network_out` | `node.network_in`, `node.network_out`: caps in kbit/s of the node's exposed traffic, each way (enforced in gateway mode) |
 //! | `kisara.token` | `server.admin_token` and `node.join_token`: Kisara used one shared token for both |
 //! | `kisara.dns` | `server.dns` (kept for container DNS, not applied yet) |
 //! | `kisara.mode`, `kisaraClient.port`, `kisaraClient.db_path`, `takina.token` | accepted and ignored: agents dial the server, so no client port; the store lives in `server.data_dir`, because Kisara's database has another schema |
@@ -68,6 +68,9 @@ pub struct Config {
     pub kisara_server: KisaraServerSection,
     #[serde(default)]
     pub takina: TakinaSection,
+    /// The gateway role (public listeners tunnelled to nodes).
+    #[serde(default)]
+    pub gateway: crate::exposure::GatewaySection,
 }
 
 /// `[server]`.
@@ -115,6 +118,10 @@ pub struct ServerSection {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Exposure mode of nodes that name none: `host` (default) or `gateway`.
+    pub exposure: Option<kisara_api::ExposeMode>,
+    /// Host ports of nodes that name no range (default `30000-39999`).
+    pub port_range: Option<kisara_api::PortRange>,
 }
 
 /// `[server.defaults]`: resources of a container whose request names none.
@@ -164,6 +171,10 @@ pub struct NodeSection {
     pub network_out: Option<u64>,
     /// PEM CA certificate that signed the server's certificate (for `https://` servers).
     pub ca_file: Option<PathBuf>,
+    /// How this node's containers are exposed: `host` or `gateway` (default: the server's).
+    pub exposure: Option<kisara_api::ExposeMode>,
+    /// Host ports this node leases in host mode (default: the server's range).
+    pub port_range: Option<kisara_api::PortRange>,
 }
 
 /// Kisara's `[kisara]`.
@@ -253,6 +264,8 @@ pub struct ServerSettings {
     pub warm_networks: u32,
     /// Certificate and key files when the server speaks TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Default exposure mode, host-port range, and the gateway role.
+    pub exposure: crate::exposure::ExposureSettings,
 }
 
 impl Default for ServerSettings {
@@ -284,6 +297,8 @@ pub struct NodeSettings {
     pub network_out: Option<u64>,
     /// CA certificate that signed the server's, for `https://` servers.
     pub ca_file: Option<PathBuf>,
+    /// Mode, host-port range and bandwidth caps this node announces.
+    pub exposure: kisara_api::NodeExposure,
 }
 
 impl Config {
@@ -512,6 +527,12 @@ impl Config {
                     ))
                 }
             },
+            exposure: crate::exposure::resolve(
+                s.exposure,
+                s.port_range,
+                &self.gateway,
+                s.public_address.as_deref(),
+            )?,
             warm_networks: match s.warm_networks.unwrap_or(2) {
                 n @ 0..=64 => n,
                 n => {
@@ -583,6 +604,12 @@ impl Config {
             network_in: n.network_in.or(kc.network_in),
             network_out: n.network_out.or(kc.network_out),
             ca_file: n.ca_file.clone(),
+            exposure: kisara_api::NodeExposure {
+                mode: n.exposure,
+                port_range: n.port_range,
+                network_in_kbps: n.network_in.or(kc.network_in),
+                network_out_kbps: n.network_out.or(kc.network_out),
+            },
         })
     }
 }

@@ -8,6 +8,7 @@
 pub mod compose;
 pub mod config;
 pub mod error;
+pub mod exposure;
 pub mod ids;
 pub mod policy;
 pub mod pool;

@@ -792,12 +792,17 @@ fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
     for port in &config.ports {
         let key = port.to_string();
         exposed.push(key.clone());
+        // The port leased for it; empty: the engine picks a free ephemeral port.
+        let host_port = config
+            .host_ports
+            .get(&key)
+            .map(u16::to_string)
+            .unwrap_or_default();
         bindings.insert(
             key,
             Some(vec![PortBinding {
                 host_ip: Some(config.publish_host_ip.clone()),
-                // Empty: the engine picks a free ephemeral port.
-                host_port: Some(String::new()),
+                host_port: Some(host_port),
             }]),
         );
     }

@@ -439,7 +439,16 @@ impl Runtime for HollowRuntime {
             lease = Some((net_id.clone(), offset));
             // Ports are published only on a network with addresses (not host or none).
             for spec in &config.ports {
-                match st.allocate_port() {
+                let wanted = config.host_ports.get(&spec.to_string()).copied();
+                let got = match wanted {
+                    // A leased port: taken only if free, as the engine would.
+                    Some(p) if st.ports_in_use.insert(p) => Ok(p),
+                    Some(p) => Err(RuntimeError::Engine(format!(
+                        "Bind for 0.0.0.0:{p} failed: port is already allocated"
+                    ))),
+                    None => st.allocate_port(),
+                };
+                match got {
                     Ok(host_port) => inv.published.push(PublishedPort {
                         port: *spec,
                         host_ip: config.publish_host_ip.clone(),

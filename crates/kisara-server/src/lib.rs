@@ -17,6 +17,7 @@ use kisara_store::Store;
 pub mod api;
 pub mod error;
 pub mod events;
+pub mod gateway;
 pub mod hub;
 pub mod janitor;
 pub mod metrics;
@@ -70,6 +71,8 @@ pub struct AppState {
     /// interrupted by a crash or restart.
     pub started_at: i64,
     pub metrics: metrics::Metrics,
+    /// Public listeners, tunnels and traffic of gateway-mode ports.
+    pub gateway: gateway::Gateway,
 }
 
 impl AppState {
@@ -140,6 +143,7 @@ impl Server {
         let join_token = tokens::load_or_create(&data_dir.join(JOIN_TOKEN_FILE), "ksj_")?;
         let ledger = placement::Ledger::load(&store, &settings)?;
         let events = events::EventBus::new(store.clone(), cluster_id.clone());
+        let gateway = gateway::Gateway::new(settings.exposure.gateway.clone());
         let tls = match &settings.tls {
             Some((cert, key)) => Some(tls::server_config(cert, key).map_err(ServerError::Tls)?),
             None => None,
@@ -159,6 +163,7 @@ impl Server {
                 warm: Default::default(),
                 started_at: now(),
                 metrics: Default::default(),
+                gateway,
                 placement: ledger,
                 events,
             }),
@@ -183,6 +188,9 @@ impl Server {
         let app = self.router();
         events::start(&self.state);
         let janitor = tokio::spawn(janitor::run(self.state.clone()));
+        // Reopens the listeners of gateway leases at once, then sweeps stale leases.
+        gateway::sweep(&self.state).await;
+        let gateway = gateway::start(&self.state);
         let token = self.state.shutdown.clone();
         let graceful = token.clone();
         let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
@@ -211,6 +219,9 @@ impl Server {
         }
         token.cancel();
         let _ = janitor.await;
+        if let Some(g) = gateway {
+            let _ = g.await;
+        }
         // Long-lived streams (agent channels, followed logs) watch the token; give in-flight
         // requests a moment to finish, then stop regardless.
         match tokio::time::timeout(std::time::Duration::from_secs(5), serve).await {

@@ -33,6 +33,10 @@ pub struct Metrics {
     pub http_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     nodes: Family<Labels, Gauge>,
     containers: Family<Labels, Gauge>,
+    /// Bytes the gateway carried, by container and direction (`in`: visitor → container).
+    exposure_bytes: Family<Labels, Counter>,
+    /// Visitor connections (TCP) and sessions (UDP) open now, by container.
+    exposure_connections: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -65,7 +69,21 @@ impl Default for Metrics {
             "Containers Kisara manages, by node and state",
             containers.clone(),
         );
+        let exposure_bytes = Family::<Labels, Counter>::default();
+        let exposure_connections = Family::<Labels, Gauge>::default();
+        registry.register(
+            "exposure_bytes",
+            "Bytes carried by the gateway, by container and direction",
+            exposure_bytes.clone(),
+        );
+        registry.register(
+            "exposure_connections",
+            "Visitor connections and UDP sessions open through the gateway, by container",
+            exposure_connections.clone(),
+        );
         Metrics {
+            exposure_bytes,
+            exposure_connections,
             registry,
             placements,
             placement_failures,
@@ -85,7 +103,29 @@ impl Metrics {
     }
 }
 
+/// Brings the exposure counters up to the gateway's meters.
+fn refresh_exposure(st: &AppState) {
+    let m = &st.metrics;
+    m.exposure_connections.clear();
+    for (container, t) in st.gateway.all_traffic() {
+        for (dir, total) in [("in", t.bytes_in), ("out", t.bytes_out)] {
+            let c = m.exposure_bytes.get_or_create(&vec![
+                ("container".into(), container.clone()),
+                ("direction".into(), dir.into()),
+            ]);
+            let seen = c.get();
+            if total > seen {
+                c.inc_by(total - seen);
+            }
+        }
+        m.exposure_connections
+            .get_or_create(&vec![("container".into(), container)])
+            .set(t.connections as i64);
+    }
+}
+
 fn refresh_gauges(st: &AppState) {
+    refresh_exposure(st);
     let m = &st.metrics;
     m.nodes.clear();
     for state in ["ready", "unreachable", "down"] {

@@ -19,6 +19,8 @@ use subtle::ConstantTimeEq;
 
 mod events;
 mod launch;
+mod leases;
+pub use leases::{first_free, node_scope, Lease, LeaseRequest, GATEWAY_SCOPE};
 mod services;
 pub use events::{AttemptOutcome, DeliveryCounts, PendingDelivery, WebhookRecord};
 pub use services::{
@@ -99,6 +101,7 @@ const MIGRATIONS: &[&str] = &[
     MIGRATION_SCHEDULING,
     launch::MIGRATION_LAUNCH,
     services::MIGRATION_SERVICES,
+    leases::MIGRATION_LEASES,
 ];
 
 const MIGRATION_1: &str = r#"
@@ -592,6 +595,7 @@ impl Store {
             host_port: kisara_api::host_port_string(&ports),
             ports,
             created_at: r.get(13)?,
+            traffic: None,
         })
     }
 
@@ -1201,6 +1205,7 @@ mod tests {
             ports: vec![],
             host_port: String::new(),
             created_at: 0,
+            traffic: None,
         };
         st.insert_container(&mk("c1", "abcdef1234", "web")).unwrap();
         st.insert_container(&mk("c2", "abcdef9999", "db")).unwrap();
@@ -1247,6 +1252,7 @@ mod tests {
             ports: vec![],
             host_port: String::new(),
             created_at: 0,
+            traffic: None,
         }
     }
 
@@ -1410,6 +1416,7 @@ mod tests {
             public_address: "203.0.113.9".into(),
             labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
             max_containers: 80,
+            exposure: Default::default(),
         };
         st.update_node_hello("n1", &hello, 200).unwrap();
         st.update_node_seen("n1", 300).unwrap();

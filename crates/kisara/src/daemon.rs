@@ -135,12 +135,17 @@ impl Started {
     }
 }
 
+/// `gateway_by_default`: run the gateway role unless `[gateway] enabled = false` (`kisara up`).
 async fn start_server(
     common: &CommonServerArgs,
     config: &Config,
     shutdown: CancellationToken,
+    gateway_by_default: bool,
 ) -> Result<Started> {
     let mut settings = config.server_settings().context("server configuration")?;
+    if gateway_by_default && config.gateway.enabled.is_none() {
+        settings.exposure.gateway.enabled = true;
+    }
     if let Some(l) = &common.listen {
         settings.listen = l
             .parse()
@@ -194,7 +199,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     init_tracing();
     let config = load_config(args.common.config.as_ref())?;
     let shutdown = CancellationToken::new();
-    let started = start_server(&args.common, &config, shutdown.clone()).await?;
+    let started = start_server(&args.common, &config, shutdown.clone(), true).await?;
+    // The local node's containers are on this host: the gateway reaches them directly.
+    started.server.state().gateway.add_direct_node(&args.name);
     let runtime = DockerRuntime::connect()
         .await
         .context("connecting to the Docker Engine (is it running? DOCKER_HOST?)")?;
@@ -231,6 +238,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
     );
     // With TLS the local agent trusts the CA of the node config, else the ca.pem that
     // `kisara cert` wrote beside the server certificate.
+    let agent = agent.with_exposure(
+        config
+            .node_settings()
+            .map(|n| n.exposure)
+            .unwrap_or_default(),
+    );
     let agent = match &started.tls {
         Some((cert, _)) => {
             let ca = config
@@ -276,7 +289,7 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     init_tracing();
     let config = load_config(args.common.config.as_ref())?;
     let shutdown = CancellationToken::new();
-    let started = start_server(&args.common, &config, shutdown.clone()).await?;
+    let started = start_server(&args.common, &config, shutdown.clone(), false).await?;
     print_banner(&started);
     wait(shutdown, started.task, None).await
 }
@@ -328,6 +341,7 @@ pub async fn node(args: NodeArgs, ca: Option<PathBuf>) -> Result<()> {
             max_containers: args.max_containers.unwrap_or(settings.max_containers),
         },
     );
+    let agent = agent.with_exposure(settings.exposure.clone());
     let agent = match ca.or(settings.ca_file.clone()) {
         Some(ca) => agent.with_ca_file(&ca)?,
         None => agent,

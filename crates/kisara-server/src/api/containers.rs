@@ -104,6 +104,7 @@ pub async fn launch(
         network: None,
     };
     policy::container_config(&req, &st.settings, &ctx)?;
+    crate::gateway::launch::validate(&st, &req)?;
 
     // Intent first: the row exists before any engine object does, so a crash at any later
     // point is settled by reconciliation instead of leaving an orphan.
@@ -126,6 +127,7 @@ pub async fn launch(
         ports: Vec::new(),
         host_port: String::new(),
         created_at: now(),
+        traffic: None,
     };
     let reserved = reservation.resources();
     st.store
@@ -159,6 +161,7 @@ pub async fn launch(
         }
         Err(e) => {
             let _ = st.store.delete_container(&id);
+            crate::gateway::release_container(&st, &id);
             Err(e)
         }
     }
@@ -234,31 +237,18 @@ async fn launch_on_node(
             super::networks::destroy(&st, net).await;
         }
     };
-    let config = match policy::container_config(req, &st.settings, ctx) {
+    let mut config = match policy::container_config(req, &st.settings, ctx) {
         Ok(c) => c,
         Err(e) => {
             undo_network(st.clone(), owned_network).await;
             return Err(e.into());
         }
     };
-    let launched = st
-        .hub
-        .call(
-            &node_id,
-            Operation::Launch {
-                config: Box::new(config),
-            },
-            LAUNCH_TIMEOUT,
-        )
-        .await
-        .and_then(|r| match r {
-            Reply::Launched(c) => Ok(c),
-            other => Err(ApiError::internal(format!(
-                "unexpected reply to launch: {other:?}"
-            ))),
-        });
-    let inv = match launched {
-        Ok(inv) => inv,
+    // Leases its public ports (host or gateway mode) and launches; see `gateway::launch`.
+    let launched =
+        crate::gateway::launch::launch(st, req, &id, session, &mut config, LAUNCH_TIMEOUT).await;
+    let (inv, public_ports) = match launched {
+        Ok(v) => v,
         Err(e) => {
             undo_network(st.clone(), owned_network).await;
             return Err(e);
@@ -270,7 +260,7 @@ async fn launch_on_node(
     container.ip_address = inv.ip_address.clone();
     container.state = ContainerState::from_docker(&inv.state);
     container.status = inv.status.clone();
-    container.ports = bindings(&inv, &session.hello.public_address);
+    container.ports = public_ports;
     container.host_port = host_port_string(&container.ports);
     if let Err(e) = st.store.complete_container(container) {
         // Keep Docker and the store in step: undo the launch.
@@ -434,6 +424,7 @@ pub async fn inspect(
                 .update_container_state(&c.id, ContainerState::Gone, &c.status);
         }
     }
+    c.traffic = st.gateway.traffic(&c.id);
     Ok(Json(c))
 }
 
@@ -522,6 +513,7 @@ pub async fn remove_everything(st: &Arc<AppState>, c: &Container, force: bool) -
         }
     }
     st.store.delete_container(&c.id)?;
+    crate::gateway::release_container(st, &c.id);
     st.placement.release(&c.id);
     st.events.container_stopped(c);
     tracing::info!(container = %c.id, "container removed");

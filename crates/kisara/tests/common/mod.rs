@@ -37,6 +37,9 @@ pub struct TestCluster {
     pub runtime: Arc<DockerRuntime>,
     /// Set when a restart hands the engine's objects to the next instance.
     handed_over: bool,
+    /// The in-process server (its state: gateway, store).
+    pub server: Server,
+    agent_opts: AgentOptions,
 }
 
 impl TestCluster {
@@ -72,18 +75,16 @@ impl TestCluster {
                 .expect("a Docker Engine must be reachable for these tests"),
         );
         let url = format!("http://{addr}");
-        let agent = Agent::new(
-            runtime.clone(),
-            AgentOptions {
-                server_url: url.clone(),
-                name: "local".into(),
-                join_token: Some(server.state().join_token().clone()),
-                state_dir: dir.join("agent"),
-                public_address: "127.0.0.1".into(),
-                labels: BTreeMap::new(),
-                max_containers: 0,
-            },
-        );
+        let agent_opts = AgentOptions {
+            server_url: url.clone(),
+            name: "local".into(),
+            join_token: Some(server.state().join_token().clone()),
+            state_dir: dir.join("agent"),
+            public_address: "127.0.0.1".into(),
+            labels: BTreeMap::new(),
+            max_containers: 0,
+        };
+        let agent = Agent::new(runtime.clone(), agent_opts.clone());
         let agent_shutdown = shutdown.child_token();
         let agent_task = tokio::spawn(agent.run(agent_shutdown.clone()));
         let token = server.state().admin_token().expose().to_string();
@@ -102,6 +103,8 @@ impl TestCluster {
             agent_shutdown,
             runtime,
             handed_over: false,
+            server: server.clone(),
+            agent_opts,
         };
         cluster.wait_ready().await;
         cluster
@@ -215,6 +218,13 @@ impl TestCluster {
         let _ = (&mut self.agent_task).await;
         // A finished handle must not be awaited again by `stop` or `restart`.
         self.agent_task = tokio::spawn(async { Ok(()) });
+    }
+
+    /// Starts the agent again after [`Self::stop_agent`] (a new session, same node).
+    pub async fn start_agent(&mut self) {
+        let agent = Agent::new(self.runtime.clone(), self.agent_opts.clone());
+        self.agent_shutdown = self.shutdown.child_token();
+        self.agent_task = tokio::spawn(agent.run(self.agent_shutdown.clone()));
     }
 
     pub async fn stop(mut self) {

@@ -1,0 +1,295 @@
+//! Exposure in the launch path: lease the public ports, launch, and say where players connect.
+//!
+//! Host mode leases host ports of the node (scope `node:<id>`) and hands them to the engine
+//! explicitly; when the engine says another program holds one, that port is skipped and the
+//! next free one leased. Gateway mode leases gateway ports, opens their listeners before the
+//! container exists (a visitor arriving early is turned away cleanly) and publishes nothing.
+//! Whatever fails, the caller releases the container's leases (see
+//! [`super::release_container`]), so nothing is left held.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kisara_api::agent::{ContainerConfig, InventoryContainer, Operation, Reply};
+use kisara_api::{ExposeMode, LaunchRequest, PortBinding, PortRange, PortSpec, Protocol};
+use kisara_store::{Lease, LeaseRequest, GATEWAY_SCOPE};
+
+use crate::error::{ApiError, ApiResult};
+use crate::hub::NodeSession;
+use crate::{now, AppState};
+
+/// Ports skipped because another program holds them, before giving up on a launch.
+const MAX_PORT_RETRIES: usize = 16;
+
+/// The mode a launch gets: the request's, else its node's, else the server's default.
+pub fn mode_for(st: &AppState, req: &LaunchRequest, session: &NodeSession) -> ExposeMode {
+    req.expose
+        .or(session.hello.exposure.mode)
+        .unwrap_or(st.settings.exposure.default_mode)
+}
+
+/// Checks a request's exposure before anything is made (400 for what can never work).
+pub fn validate(st: &AppState, req: &LaunchRequest) -> ApiResult<()> {
+    if req.expose == Some(ExposeMode::Gateway) && !st.gateway.enabled() {
+        return Err(ApiError::bad_request(
+            "expose \"gateway\" needs the gateway role, which this server does not run \
+             (set [gateway] enabled = true)",
+        ));
+    }
+    if req.bandwidth_kbps == Some(0) {
+        return Err(ApiError::bad_request(
+            "bandwidth_kbps must be above 0 (leave it out for no cap)",
+        ));
+    }
+    Ok(())
+}
+
+fn lease_requests(
+    scope: &str,
+    mode: ExposeMode,
+    node_id: &str,
+    container_id: &str,
+    ports: &[PortSpec],
+    rate_kbps: Option<u64>,
+    avoid: &BTreeMap<Protocol, Vec<u16>>,
+) -> Vec<LeaseRequest> {
+    ports
+        .iter()
+        .map(|p| LeaseRequest {
+            scope: scope.to_string(),
+            protocol: p.protocol,
+            mode,
+            node_id: node_id.to_string(),
+            container_id: Some(container_id.to_string()),
+            service_id: None,
+            container_port: p.port,
+            rate_kbps,
+            avoid: avoid.get(&p.protocol).cloned().unwrap_or_default(),
+        })
+        .collect()
+}
+
+fn release(st: &AppState, leases: &[Lease]) {
+    for l in leases {
+        let _ = st.store.release_lease(&l.scope, l.protocol, l.port);
+        if l.scope == GATEWAY_SCOPE {
+            st.gateway.close_listener(l.protocol, l.port);
+        }
+    }
+}
+
+/// Creates and starts the container with its ports exposed as its mode says; returns what
+/// the node reported and the public bindings, in the order of `config.ports`.
+pub async fn launch(
+    st: &std::sync::Arc<AppState>,
+    req: &LaunchRequest,
+    container_id: &str,
+    session: &NodeSession,
+    config: &mut ContainerConfig,
+    timeout: Duration,
+) -> ApiResult<(InventoryContainer, Vec<PortBinding>)> {
+    let node_id = session.node_id.clone();
+    let ports = config.ports.clone();
+    let mode = mode_for(st, req, session);
+    if ports.is_empty() {
+        let inv = call_launch(st, &node_id, config, timeout).await?;
+        return Ok((inv, Vec::new()));
+    }
+    match mode {
+        ExposeMode::Gateway => {
+            if !st.gateway.enabled() {
+                return Err(ApiError::bad_request(format!(
+                    "node {} exposes in gateway mode, but this server runs no gateway \
+                     (set [gateway] enabled = true, or expose \"host\")",
+                    session.hello.name
+                )));
+            }
+            let leases =
+                lease_gateway(st, &node_id, container_id, &ports, req.bandwidth_kbps).await?;
+            // Nothing is published on the node: the gateway reaches the container itself.
+            config.ports.clear();
+            config.host_ports.clear();
+            let inv = match call_launch(st, &node_id, config, timeout).await {
+                Ok(inv) => inv,
+                Err(e) => {
+                    release(st, &leases);
+                    return Err(e);
+                }
+            };
+            let public = st.gateway.settings.public_address.clone();
+            let bindings = leases
+                .iter()
+                .map(|l| PortBinding {
+                    container_port: l.container_port,
+                    protocol: l.protocol,
+                    public_host: public.clone(),
+                    public_port: l.port,
+                })
+                .collect();
+            Ok((inv, bindings))
+        }
+        ExposeMode::Host => {
+            let range = session
+                .hello
+                .exposure
+                .port_range
+                .unwrap_or(st.settings.exposure.host_port_range);
+            let scope = kisara_store::node_scope(&node_id);
+            let mut avoid: BTreeMap<Protocol, Vec<u16>> = BTreeMap::new();
+            for _ in 0..MAX_PORT_RETRIES {
+                let reqs = lease_requests(
+                    &scope,
+                    ExposeMode::Host,
+                    &node_id,
+                    container_id,
+                    &ports,
+                    req.bandwidth_kbps,
+                    &avoid,
+                );
+                let leases = st.store.lease_ports(range, &reqs, now())?;
+                config.host_ports = leases
+                    .iter()
+                    .map(|l| {
+                        (
+                            PortSpec {
+                                port: l.container_port,
+                                protocol: l.protocol,
+                            }
+                            .to_string(),
+                            l.port,
+                        )
+                    })
+                    .collect();
+                match call_launch(st, &node_id, config, timeout).await {
+                    Ok(inv) => {
+                        let bindings = host_bindings(&inv, &leases, &session.hello.public_address);
+                        return Ok((inv, bindings));
+                    }
+                    Err(e) if port_taken(&e.message) => {
+                        // Another program holds one of them: skip it and lease again.
+                        let named: Vec<&Lease> = leases
+                            .iter()
+                            .filter(|l| e.message.contains(&format!(":{}", l.port)))
+                            .collect();
+                        let skip: Vec<&Lease> = if named.is_empty() {
+                            leases.iter().collect()
+                        } else {
+                            named
+                        };
+                        for l in skip {
+                            avoid.entry(l.protocol).or_default().push(l.port);
+                        }
+                        tracing::info!(node = %node_id, avoid = ?avoid, "host port taken by another program; leasing the next");
+                        release(st, &leases);
+                    }
+                    Err(e) => {
+                        release(st, &leases);
+                        return Err(e);
+                    }
+                }
+            }
+            Err(ApiError::exhausted(format!(
+                "node {}: every host port tried in {range} is held by another program",
+                session.hello.name
+            )))
+        }
+    }
+}
+
+/// Leases gateway ports and opens their listeners; a port some other program holds on the
+/// gateway's host is skipped.
+async fn lease_gateway(
+    st: &std::sync::Arc<AppState>,
+    node_id: &str,
+    container_id: &str,
+    ports: &[PortSpec],
+    rate_kbps: Option<u64>,
+) -> ApiResult<Vec<Lease>> {
+    let range: PortRange = st.gateway.settings.port_range;
+    let mut avoid: BTreeMap<Protocol, Vec<u16>> = BTreeMap::new();
+    for _ in 0..MAX_PORT_RETRIES {
+        let reqs = lease_requests(
+            GATEWAY_SCOPE,
+            ExposeMode::Gateway,
+            node_id,
+            container_id,
+            ports,
+            rate_kbps,
+            &avoid,
+        );
+        let leases = st.store.lease_ports(range, &reqs, now())?;
+        st.gateway.set_instance_cap(container_id, rate_kbps);
+        let mut failed = None;
+        for l in &leases {
+            if let Err(e) = super::listen::open(st, l).await {
+                failed = Some((l.protocol, l.port, e));
+                break;
+            }
+        }
+        match failed {
+            None => return Ok(leases),
+            Some((protocol, port, e)) => {
+                release(st, &leases);
+                if e.kind() != std::io::ErrorKind::AddrInUse {
+                    return Err(ApiError::internal(format!(
+                        "gateway cannot listen on port {port}/{protocol}: {e}"
+                    )));
+                }
+                avoid.entry(protocol).or_default().push(port);
+            }
+        }
+    }
+    Err(ApiError::exhausted(format!(
+        "every gateway port tried in {range} is held by another program"
+    )))
+}
+
+/// Whether an engine error says a host port is in use.
+fn port_taken(message: &str) -> bool {
+    message.contains("port is already allocated") || message.contains("address already in use")
+}
+
+async fn call_launch(
+    st: &AppState,
+    node_id: &str,
+    config: &ContainerConfig,
+    timeout: Duration,
+) -> ApiResult<InventoryContainer> {
+    match st
+        .hub
+        .call(
+            node_id,
+            Operation::Launch {
+                config: Box::new(config.clone()),
+            },
+            timeout,
+        )
+        .await?
+    {
+        Reply::Launched(c) => Ok(c),
+        other => Err(ApiError::internal(format!(
+            "unexpected reply to launch: {other:?}"
+        ))),
+    }
+}
+
+/// Host-mode bindings: the node's address and the port the engine published (the leased one).
+fn host_bindings(inv: &InventoryContainer, leases: &[Lease], public: &str) -> Vec<PortBinding> {
+    leases
+        .iter()
+        .map(|l| {
+            let published = inv
+                .published
+                .iter()
+                .find(|p| p.port.port == l.container_port && p.port.protocol == l.protocol)
+                .map(|p| p.host_port)
+                .unwrap_or(l.port);
+            PortBinding {
+                container_port: l.container_port,
+                protocol: l.protocol,
+                public_host: public.to_string(),
+                public_port: published,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,358 @@
+//! Public port exposure end to end, with real containers: TCP and UDP through the gateway
+//! (tunnelled through the agent, and directly when the agent shares the process), host mode
+//! with leased host ports, leases released and reused, exhaustion, an agent restarted under a
+//! connected visitor, and a restarted gateway reopening its ports.
+//!
+//! Needs `scripts/test-images.sh` (the busybox image and `kisara-test/udp-echo`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestCluster;
+use kisara_api::{Container, ExposeMode, LaunchRequest, Protocol};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+const FIXTURE: &str = "kisara-test/udp-echo:latest";
+
+/// A block of 8 ports of this test process's own, so concurrent tests rarely meet (and
+/// when they do, the allocator skips ports another program holds).
+fn port_block(slot: u16) -> (u16, u16) {
+    let base = 42000 + (std::process::id() % 400) as u16 * 40 + slot * 10;
+    (base, base + 7)
+}
+
+fn config(gateway: (u16, u16), host: (u16, u16)) -> String {
+    format!(
+        r#"
+[server]
+publish_host_ip = "127.0.0.1"
+port_range = "{}-{}"
+
+[gateway]
+enabled = true
+listen_host = "127.0.0.1"
+public_address = "127.0.0.1"
+port_range = "{}-{}"
+udp_idle_secs = 5
+"#,
+        host.0, host.1, gateway.0, gateway.1
+    )
+}
+
+/// TCP echo on 80 and UDP echo on 53 in one container.
+fn echo_request(expose: ExposeMode) -> LaunchRequest {
+    LaunchRequest {
+        image: FIXTURE.into(),
+        cmd: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "kfix tcp-echo 80 & exec kfix udp-echo 53".into(),
+        ]),
+        ports: vec!["80/tcp".into(), "53/udp".into()],
+        owner: Some("team1".into()),
+        expose: Some(expose),
+        ..Default::default()
+    }
+}
+
+fn port_of(c: &Container, proto: Protocol) -> u16 {
+    c.ports
+        .iter()
+        .find(|p| p.protocol == proto)
+        .unwrap_or_else(|| panic!("no {proto} port in {:?}", c.ports))
+        .public_port
+}
+
+/// Connects and exchanges one line over TCP, retrying until the echo answers (bounded).
+async fn tcp_echo(port: u16, msg: &[u8]) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Ok(mut s)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            if s.write_all(msg).await.is_ok() {
+                let mut got = vec![0u8; msg.len()];
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut got)).await
+                {
+                    return got;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TCP echo on {port} never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends datagrams until one comes back (bounded): the echo server may still be starting.
+async fn udp_echo(port: u16, msg: &[u8]) -> Vec<u8> {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.connect(("127.0.0.1", port)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = vec![0u8; 65535];
+    loop {
+        s.send(msg).await.unwrap();
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), s.recv(&mut buf)).await
+        {
+            return buf[..n].to_vec();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "UDP echo on {port} never answered"
+        );
+    }
+}
+
+/// Whether anything accepts TCP on the port now.
+async fn tcp_open(port: u16) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            TcpStream::connect(("127.0.0.1", port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+async fn poll_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn gateway_tcp_and_udp_through_the_agents_tunnel() {
+    let gw = port_block(0);
+    let cl = TestCluster::start_with(&config(gw, port_block(1))).await;
+    let c = cl
+        .client
+        .launch(&echo_request(ExposeMode::Gateway))
+        .await
+        .expect("launch");
+    let (tcp, udp) = (port_of(&c, Protocol::Tcp), port_of(&c, Protocol::Udp));
+    assert!(
+        (gw.0..=gw.1).contains(&tcp) && (gw.0..=gw.1).contains(&udp),
+        "{:?}",
+        c.ports
+    );
+    assert!(c.ports.iter().all(|p| p.public_host == "127.0.0.1"));
+    assert_eq!(c.host_port, format!("127.0.0.1:{tcp},127.0.0.1:{udp}"));
+    // Gateway mode publishes nothing on the node.
+    let inspect = common::docker_inspect(&c.docker_id);
+    let bindings = &inspect["HostConfig"]["PortBindings"];
+    assert!(
+        bindings.is_null() || bindings.as_object().is_some_and(|m| m.is_empty()),
+        "{bindings}"
+    );
+
+    assert_eq!(
+        tcp_echo(tcp, b"hello over the tunnel\n").await,
+        b"hello over the tunnel\n"
+    );
+    let big: Vec<u8> = (0..1200u32).map(|i| i as u8).collect();
+    assert_eq!(udp_echo(udp, &big).await, big);
+    // Several visitors at once, each with a connection of its own.
+    let many: Vec<_> = (0..8u8)
+        .map(|i| tokio::spawn(async move { tcp_echo(tcp, &[b'a' + i; 100]).await }))
+        .collect();
+    for (i, h) in many.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap(), vec![b'a' + i as u8; 100]);
+    }
+
+    // Traffic shows in inspect and in /metrics.
+    let seen = cl.client.container(&c.id).await.expect("inspect");
+    let t = seen.traffic.expect("traffic counted in gateway mode");
+    assert!(t.bytes_in >= 1200 + 22 && t.bytes_out >= 1200 + 22, "{t:?}");
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", cl.url))
+        .bearer_auth(&cl.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "kisara_exposure_bytes_total{{container=\"{}\",direction=\"in\"}}",
+            c.id
+        )),
+        "{metrics}"
+    );
+
+    // Stopped: the ports close, the leases go back, and the next launch gets them.
+    cl.client.stop(&c.id).await.expect("stop");
+    assert!(!tcp_open(tcp).await, "the gateway still listens on {tcp}");
+    let again = cl
+        .client
+        .launch(&echo_request(ExposeMode::Gateway))
+        .await
+        .expect("relaunch");
+    assert_eq!(port_of(&again, Protocol::Tcp), tcp, "released port reused");
+    assert_eq!(tcp_echo(tcp, b"again\n").await, b"again\n");
+    cl.client.stop(&again.id).await.expect("stop");
+    cl.assert_clean().await;
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn gateway_connects_directly_when_the_agent_shares_the_process() {
+    let cl = TestCluster::start_with(&config(port_block(2), port_block(3))).await;
+    cl.server.state().gateway.add_direct_node("local");
+    let c = cl
+        .client
+        .launch(&echo_request(ExposeMode::Gateway))
+        .await
+        .expect("launch");
+    assert_eq!(
+        tcp_echo(port_of(&c, Protocol::Tcp), b"direct\n").await,
+        b"direct\n"
+    );
+    assert_eq!(
+        udp_echo(port_of(&c, Protocol::Udp), b"dgram").await,
+        b"dgram"
+    );
+    cl.client.stop(&c.id).await.expect("stop");
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn host_mode_leases_ports_from_the_range_and_exhaustion_is_409() {
+    let host = port_block(4);
+    let cl = TestCluster::start_with(&config(port_block(5), host)).await;
+    let c = cl
+        .client
+        .launch(&echo_request(ExposeMode::Host))
+        .await
+        .expect("launch");
+    let (tcp, udp) = (port_of(&c, Protocol::Tcp), port_of(&c, Protocol::Udp));
+    assert!((host.0..=host.1).contains(&tcp), "{:?}", c.ports);
+    // The engine published exactly the leased ports.
+    let inspect = common::docker_inspect(&c.docker_id);
+    assert_eq!(
+        inspect["HostConfig"]["PortBindings"]["80/tcp"][0]["HostPort"],
+        tcp.to_string()
+    );
+    assert_eq!(tcp_echo(tcp, b"host mode\n").await, b"host mode\n");
+    assert_eq!(udp_echo(udp, b"udp host").await, b"udp host");
+    assert!(c.traffic.is_none());
+    cl.client.stop(&c.id).await.expect("stop");
+    cl.assert_clean().await;
+    cl.stop().await;
+
+    // A range of one port: the second launch is refused with 409 and leaves nothing behind.
+    let one = port_block(6);
+    let cl = TestCluster::start_with(&config(port_block(7), (one.0, one.0))).await;
+    let mut req = echo_request(ExposeMode::Host);
+    req.ports = vec!["80/tcp".into()];
+    let first = cl.client.launch(&req).await.expect("first launch");
+    let err = cl.client.launch(&req).await.expect_err("the range is full");
+    assert_eq!(err.status(), Some(409), "{err}");
+    let list = cl
+        .client
+        .list_containers(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1, "nothing half-made: {:?}", list.items);
+    cl.client.stop(&first.id).await.expect("stop");
+    cl.assert_clean().await;
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_ends_visitors_cleanly_and_new_ones_work() {
+    let mut cl = TestCluster::start_with(&config(port_block(8), port_block(9))).await;
+    let c = cl
+        .client
+        .launch(&echo_request(ExposeMode::Gateway))
+        .await
+        .expect("launch");
+    let tcp = port_of(&c, Protocol::Tcp);
+    assert_eq!(tcp_echo(tcp, b"before\n").await, b"before\n");
+    let mut visitor = TcpStream::connect(("127.0.0.1", tcp)).await.unwrap();
+    visitor.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    visitor.read_exact(&mut one).await.unwrap();
+
+    cl.stop_agent().await;
+    // The connected visitor is told (end of stream or reset), not left hanging.
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), visitor.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "the visitor's connection was left hanging");
+    // While the node is away, a new visitor is turned away at once.
+    if let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        TcpStream::connect(("127.0.0.1", tcp)),
+    )
+    .await
+    {
+        let _ = s.write_all(b"y").await;
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "got {r:?} {buf:?}");
+    }
+
+    cl.start_agent().await;
+    cl.wait_ready().await;
+    assert_eq!(tcp_echo(tcp, b"after\n").await, b"after\n");
+    cl.client.stop(&c.id).await.expect("stop");
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_gateway_listens_on_the_same_ports() {
+    let cl = TestCluster::start_with(&config(port_block(10), port_block(11))).await;
+    let c = cl
+        .client
+        .launch(&echo_request(ExposeMode::Gateway))
+        .await
+        .expect("launch");
+    let (tcp, udp) = (port_of(&c, Protocol::Tcp), port_of(&c, Protocol::Udp));
+    assert_eq!(tcp_echo(tcp, b"one\n").await, b"one\n");
+    let cl = cl.restart().await;
+    poll_until("the gateway reopened its TCP port", || tcp_open(tcp)).await;
+    assert_eq!(tcp_echo(tcp, b"two\n").await, b"two\n");
+    assert_eq!(udp_echo(udp, b"three").await, b"three");
+    let again = cl.client.container(&c.id).await.expect("inspect");
+    assert_eq!(port_of(&again, Protocol::Tcp), tcp);
+    cl.client.stop(&c.id).await.expect("stop");
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn bad_exposure_requests_are_refused_before_anything_is_made() {
+    // A server without the gateway role refuses gateway mode with 400.
+    let cl = TestCluster::start_with(&format!(
+        "[server]\nport_range = \"{}-{}\"\n",
+        port_block(12).0,
+        port_block(12).1
+    ))
+    .await;
+    let err = cl
+        .client
+        .launch(&echo_request(ExposeMode::Gateway))
+        .await
+        .expect_err("no gateway");
+    assert_eq!(err.status(), Some(400), "{err}");
+    let mut req = echo_request(ExposeMode::Host);
+    req.bandwidth_kbps = Some(0);
+    let err = cl.client.launch(&req).await.expect_err("zero cap");
+    assert_eq!(err.status(), Some(400), "{err}");
+    cl.assert_clean().await;
+    cl.stop().await;
+}
