@@ -15,13 +15,13 @@ Measured in one run, RUNS interleaved rounds, medians:
          engine through a running `kisara up` (the app images removed first)
          vs `docker load -i FILE` (the same images removed first)
 
-Usage: bench/bundle.py [RUNS]     (default 5; run as root with Docker; release build of kisara)
+Usage: bench/bundle.py [RUNS]     (default 5; root, Docker, debootstrap; target/release/kisara or $KISARA_BIN)
 """
 import os, shutil, socket, statistics, subprocess, sys, tempfile, time, json, urllib.request
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KISARA = os.path.join(ROOT, "target", "release", "kisara")
+KISARA = os.environ.get("KISARA_BIN") or os.path.join(ROOT, "target", "release", "kisara")
 BASE = "kisara-bench/debian:bookworm"
 APPS = [f"kisara-bench/app{i}:v1" for i in (1, 2, 3)]
 
