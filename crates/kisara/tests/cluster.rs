@@ -280,6 +280,7 @@ fn a_killed_node_rejoins_as_itself_with_its_containers() {
 fn a_server_killed_mid_burst_leaves_no_orphaned_or_lost_containers() {
     const BURST: usize = 30;
     let mut cluster = Cluster::start(3);
+    let names = cluster.node_ids();
 
     // 30 launches at once, each a `kisara run --json` of its own.
     let acked = Arc::new(Mutex::new(Vec::<Container>::new()));
@@ -311,7 +312,7 @@ fn a_server_killed_mid_burst_leaves_no_orphaned_or_lost_containers() {
     poll(
         Duration::from_secs(90),
         "the first launches are answered",
-        || (acked.lock().unwrap().len() >= 3 || finished.load(Ordering::SeqCst) >= 3).then_some(()),
+        || (acked.lock().unwrap().len() >= 3).then_some(()),
     );
     let in_flight = BURST - finished.load(Ordering::SeqCst);
     cluster.kill_server();
@@ -359,6 +360,15 @@ fn a_server_killed_mid_burst_leaves_no_orphaned_or_lost_containers() {
             .find(|x| x.id == c.id)
             .expect("acknowledged launch listed");
         assert_eq!(listed.state, ContainerState::Running, "{listed:?}");
+        assert_eq!(listed.node_id, c.node_id, "{listed:?}");
+        let k = (0..3)
+            .find(|k| names[&Cluster::node_name(*k)] == c.node_id)
+            .expect("a node of this cluster");
+        assert_eq!(
+            cluster.engines.running(k, &c.docker_id),
+            Some(true),
+            "{c:?}"
+        );
     }
 }
 
