@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 mod fetch;
+pub mod isolation;
 mod tunnel;
 
 /// How the agent joins and what it advertises.
@@ -74,6 +75,9 @@ pub struct Agent {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// How this node exposes ports (announced in the hello).
     exposure: kisara_api::NodeExposure,
+    /// Install (true) or remove (false) the host isolation rules at start; `None` leaves
+    /// the host's firewall alone (agents that share a host with another, tests).
+    isolation: Option<bool>,
 }
 
 /// Heartbeats between two reports of the engine's images (a minute at the default 5 s).
@@ -96,7 +100,15 @@ impl Agent {
             engine_events: Default::default(),
             tls: None,
             exposure: Default::default(),
+            isolation: None,
         }
+    }
+
+    /// Installs (or, with `false`, removes) the host isolation rules when the agent starts
+    /// (see [`isolation`]).
+    pub fn with_isolation(mut self, enabled: bool) -> Self {
+        self.isolation = Some(enabled);
+        self
     }
 
     /// Announces how this node exposes ports: mode, host-port range, bandwidth caps.
@@ -178,6 +190,17 @@ impl Agent {
     /// Runs until `shutdown` is cancelled or the server rejects the node for good.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let url = self.connect_url()?;
+        if let Some(enabled) = self.isolation {
+            match isolation::apply(enabled).await {
+                Ok(()) if enabled => tracing::info!("host isolation rules in place"),
+                Ok(()) => tracing::info!("host isolation rules removed (node.isolation = false)"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "cannot install the host isolation rules: instances can reach this host \
+                     (run the agent as root, or set node.isolation = false)"
+                ),
+            }
+        }
         let engine = loop {
             match self.runtime.info().await {
                 Ok(i) => break i,

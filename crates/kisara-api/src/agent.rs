@@ -253,6 +253,13 @@ pub struct ContainerConfig {
     pub read_only: bool,
     /// Path to mount options, e.g. `/tmp` → `rw,size=64m`.
     pub tmpfs: BTreeMap<String, String>,
+    /// Files written into the container after it is created and before it starts (flags):
+    /// they are there for the first instruction, also under a read-only root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ContainerFile>,
+    /// A fixed address on `network` (an AWD gamebox keeps its address across a reset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<String>,
     /// Docker healthcheck; the engine reports the container's health from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<HealthCheck>,
@@ -286,6 +293,25 @@ pub struct NetworkAttachment {
     pub aliases: Vec<String>,
 }
 
+/// A file to place in a container before it starts. `Debug` never shows the contents.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerFile {
+    /// Absolute path in the container; missing parent directories are created.
+    pub path: String,
+    /// Permission bits, e.g. `0o444`.
+    pub mode: u32,
+    pub contents: Secret,
+}
+
+impl fmt::Debug for ContainerFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContainerFile")
+            .field("path", &self.path)
+            .field("mode", &format_args!("{:04o}", self.mode))
+            .finish_non_exhaustive()
+    }
+}
+
 impl fmt::Debug for ContainerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let env_keys: Vec<&str> = self
@@ -308,6 +334,8 @@ impl fmt::Debug for ContainerConfig {
             .field("cap_add", &self.cap_add)
             .field("privileged", &self.privileged)
             .field("binds", &self.binds)
+            .field("files", &self.files)
+            .field("ipv4_address", &self.ipv4_address)
             .field("extra_networks", &self.extra_networks)
             .field("healthcheck", &self.healthcheck.is_some())
             .finish_non_exhaustive()
@@ -354,6 +382,10 @@ pub struct NetworkConfig {
     /// IP masquerade on (outbound traffic allowed).
     pub internet: bool,
     pub labels: BTreeMap<String, String>,
+    /// Name of the Linux bridge (at most 15 characters). Kisara names its bridges so that
+    /// the node's isolation rules match them by prefix (see `kisara-agent`'s `isolation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_name: Option<String>,
 }
 
 /// A network as the node's engine reports it.
@@ -397,10 +429,16 @@ mod tests {
         assert!(!d.contains("topsecret") && !d.contains("alsosecret"), "{d}");
         let c = ContainerConfig {
             env: vec!["FLAG=flag{x}".into()],
+            files: vec![ContainerFile {
+                path: "/flag".into(),
+                mode: 0o444,
+                contents: Secret("flag{in-a-file}".into()),
+            }],
             ..Default::default()
         };
         let d = format!("{c:?}");
         assert!(!d.contains("flag{x}") && d.contains("FLAG"), "{d}");
+        assert!(!d.contains("flag{in-a-file}") && d.contains("/flag"), "{d}");
     }
 
     #[test]

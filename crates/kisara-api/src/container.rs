@@ -88,6 +88,21 @@ pub struct LaunchRequest {
     /// container back. Also accepted as the `Idempotency-Key` header.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Lifetime in seconds (default: the server's `default_ttl_secs`; 0 there = none); at
+    /// most `max_ttl_secs`. The instance is removed within seconds of expiring unless renewed.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Flags rendered from templates and injected (env, read-only file, or exec command).
+    #[serde(default)]
+    pub flags: Vec<crate::FlagSpec>,
+    /// Kisara's shape: one flag (a fixed value or a template), injected as env `FLAG`, or by
+    /// `flag_command` when given.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub flag: Option<crate::agent::Secret>,
+    /// Kisara's shape: a shell command run in the container with `$flag` substituted.
+    #[serde(default)]
+    pub flag_command: Option<String>,
     /// How the ports are exposed (`host` or `gateway`); the node's mode, else the server's
     /// default, when absent.
     #[serde(default)]
@@ -219,6 +234,15 @@ pub struct Container {
     pub host_port: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// When the instance expires (unix seconds); absent: it lives until removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// Renewals so far.
+    #[serde(default)]
+    pub renewals: u32,
+    /// The flags injected at launch: only in answers to admin callers, never otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<Vec<crate::InstanceFlag>>,
     /// Bytes the gateway carried for it (gateway mode; absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<crate::Traffic>,

@@ -34,6 +34,8 @@ pub mod codes {
     pub const NOT_FOUND: &str = "not_found";
     pub const CONFLICT: &str = "conflict";
     pub const POOL_EXHAUSTED: &str = "pool_exhausted";
+    /// A lifecycle limit is hit: per-owner quota, one per challenge, global cap, renewals.
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
     pub const NO_NODE: &str = "no_node_available";
     pub const NODE_UNAVAILABLE: &str = "node_unavailable";
     pub const RUNTIME: &str = "runtime_error";

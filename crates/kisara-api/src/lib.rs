@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod exposure;
 pub mod image;
+pub mod instance;
 pub mod network;
 pub mod node;
 pub mod service;
@@ -25,6 +26,7 @@ pub use events::{
 };
 pub use exposure::{ExposeMode, NodeExposure, PortRange, Traffic};
 pub use image::*;
+pub use instance::*;
 pub use network::*;
 pub use node::*;
 pub use service::*;

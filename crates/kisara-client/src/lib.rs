@@ -49,6 +49,7 @@ mod bundles;
 mod client;
 mod error;
 mod events;
+mod instances;
 mod ndjson;
 mod services;
 
@@ -59,9 +60,9 @@ pub use events::{EventStream, HookHandle, Hooks};
 
 /// The wire types, re-exported so that users need not depend on `kisara-api` themselves.
 pub use kisara_api::{
-    codes, container::*, events::kinds, image::*, labels, network::*, node::*, service::*,
-    CreateWebhookRequest, DeliveryAttempt, DeliveryState, ErrorBody, ErrorDetail, Event,
-    EventQuery, Health, ListResponse, NodeError, Webhook, WebhookDelivery,
+    codes, container::*, events::kinds, image::*, instance::*, labels, network::*, node::*,
+    service::*, CreateWebhookRequest, DeliveryAttempt, DeliveryState, ErrorBody, ErrorDetail,
+    Event, EventQuery, Health, ListResponse, NodeError, Webhook, WebhookDelivery,
 };
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -50,6 +50,9 @@ fn container(name: &str) -> Container {
         ports: vec![],
         host_port: String::new(),
         created_at: 0,
+        expires_at: None,
+        renewals: 0,
+        flags: None,
         traffic: None,
     }
 }

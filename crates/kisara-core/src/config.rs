@@ -71,6 +71,11 @@ pub struct Config {
     /// The gateway role (public listeners tunnelled to nodes).
     #[serde(default)]
     pub gateway: crate::exposure::GatewaySection,
+    /// Lifetimes and admission limits of instances.
+    #[serde(default)]
+    pub instances: crate::instances::InstancesSection,
+    #[serde(default)]
+    pub flags: crate::flags::FlagsSection,
 }
 
 /// `[server]`.
@@ -175,6 +180,9 @@ pub struct NodeSection {
     pub exposure: Option<kisara_api::ExposeMode>,
     /// Host ports this node leases in host mode (default: the server's range).
     pub port_range: Option<kisara_api::PortRange>,
+    /// Install the host firewall rules that keep instances away from the host and, unless
+    /// their network asks for internet, from the outside (default true; needs root).
+    pub isolation: Option<bool>,
 }
 
 /// Kisara's `[kisara]`.
@@ -266,6 +274,10 @@ pub struct ServerSettings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Default exposure mode, host-port range, and the gateway role.
     pub exposure: crate::exposure::ExposureSettings,
+    /// Lifetimes and admission limits of instances.
+    pub instances: crate::instances::InstanceSettings,
+    /// Key of `[team_hash]` flags; generated into the data directory when absent.
+    pub flag_secret: Option<Secret>,
 }
 
 impl Default for ServerSettings {
@@ -299,6 +311,8 @@ pub struct NodeSettings {
     pub ca_file: Option<PathBuf>,
     /// Mode, host-port range and bandwidth caps this node announces.
     pub exposure: kisara_api::NodeExposure,
+    /// Whether the agent installs the host isolation rules.
+    pub isolation: bool,
 }
 
 impl Config {
@@ -335,6 +349,8 @@ impl Config {
     /// | `KISARA_NODE_DATA_DIR` | `node.data_dir` |
     /// | `KISARA_NODE_LABELS` | `node.labels` (`k=v,k=v`, replacing the file's) |
     /// | `KISARA_MAX_CONTAINERS` | `node.max_containers` |
+    /// | `KISARA_NODE_ISOLATION` | `node.isolation` |
+    /// | `KISARA_FLAG_SECRET` | `flags.secret` |
     ///
     /// Booleans are `1/true/yes/on` or `0/false/no/off`; anything else is an error naming the
     /// variable.
@@ -384,6 +400,12 @@ impl Config {
         }
         if let Some(v) = var("KISARA_NODE_DATA_DIR") {
             node.data_dir = Some(v.into());
+        }
+        if let Some(v) = var("KISARA_NODE_ISOLATION") {
+            node.isolation = Some(parse_bool("KISARA_NODE_ISOLATION", &v)?);
+        }
+        if let Some(v) = var("KISARA_FLAG_SECRET") {
+            self.flags.secret = Some(Secret(v));
         }
         if let Some(v) = var("KISARA_NODE_LABELS") {
             node.labels = parse_labels("KISARA_NODE_LABELS", &v)?;
@@ -527,6 +549,8 @@ impl Config {
                     ))
                 }
             },
+            instances: self.instances.resolve()?,
+            flag_secret: self.flags.secret.clone().filter(|s| !s.expose().is_empty()),
             exposure: crate::exposure::resolve(
                 s.exposure,
                 s.port_range,
@@ -610,6 +634,7 @@ impl Config {
                 network_in_kbps: n.network_in.or(kc.network_in),
                 network_out_kbps: n.network_out.or(kc.network_out),
             },
+            isolation: n.isolation.unwrap_or(true),
         })
     }
 }

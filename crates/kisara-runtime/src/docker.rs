@@ -48,6 +48,8 @@ const STOP_MARGIN: Duration = Duration::from_secs(30);
 /// Docker's option that turns off SNAT for a bridge network (no way out to the internet, while
 /// published ports keep working).
 const OPT_IP_MASQUERADE: &str = "com.docker.network.bridge.enable_ip_masquerade";
+/// Network option naming the Linux bridge (Kisara's isolation rules match its prefix).
+const OPT_BRIDGE_NAME: &str = "com.docker.network.bridge.name";
 
 /// A Docker Engine reached over its API.
 pub struct DockerRuntime {
@@ -112,6 +114,26 @@ impl DockerRuntime {
             .inspect_container(docker_id, None)
             .await
             .map_err(|e| map_err(e, &format!("container {docker_id}")))
+    }
+
+    /// Writes files into a container (created or running) as one tar extracted at `/`, owned
+    /// by root with each file's mode. Error messages name paths, never contents.
+    pub async fn put_files(
+        &self,
+        docker_id: &str,
+        files: &[kisara_api::agent::ContainerFile],
+    ) -> Result<()> {
+        let archive = files_tar(files)?;
+        let options = bollard::query_parameters::UploadToContainerOptionsBuilder::new()
+            .path("/")
+            .build();
+        self.docker
+            .upload_to_container(docker_id, Some(options), bollard::body_full(archive))
+            .await
+            .map_err(|e| {
+                let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+                map_err(e, &format!("files {paths:?} in container {docker_id}"))
+            })
     }
 
     /// Start and inspect a created container; any error is returned for the caller to clean up.
@@ -318,6 +340,13 @@ impl Runtime for DockerRuntime {
         for warning in &created.warnings {
             tracing::debug!(container = %created.id, %warning, "engine warning on create");
         }
+        // Files (flags) go in before the first process runs.
+        if !config.files.is_empty() {
+            if let Err(e) = self.put_files(&created.id, &config.files).await {
+                self.cleanup_container(&created.id).await;
+                return Err(e);
+            }
+        }
         // Engines before API 1.44 attach one network at create; the others join before start,
         // so the container's first process already sees every network.
         for extra in &config.extra_networks {
@@ -521,6 +550,9 @@ impl Runtime for DockerRuntime {
         let mut options = HashMap::new();
         if !config.internet {
             options.insert(OPT_IP_MASQUERADE.to_string(), "false".to_string());
+        }
+        if let Some(bridge) = &config.bridge_name {
+            options.insert(OPT_BRIDGE_NAME.to_string(), bridge.clone());
         }
         let request = NetworkCreateRequest {
             name: config.name.clone(),
@@ -785,6 +817,38 @@ fn non_empty(v: &[String]) -> Option<Vec<String>> {
     (!v.is_empty()).then(|| v.to_vec())
 }
 
+/// A tar of `files`, paths relative to `/`.
+fn files_tar(files: &[kisara_api::agent::ContainerFile]) -> Result<Bytes> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mtime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for f in files {
+        let rel = f.path.trim_start_matches('/');
+        if rel.is_empty() || rel.split('/').any(|c| c == ".." || c.is_empty()) {
+            return Err(RuntimeError::BadRequest(format!(
+                "file path {:?} must be absolute and plain",
+                f.path
+            )));
+        }
+        let data = f.contents.expose().as_bytes();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(f.mode & 0o7777);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(mtime);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder
+            .append_data(&mut header, rel, data)
+            .map_err(|e| RuntimeError::BadRequest(format!("file {:?}: {e}", f.path)))?;
+    }
+    builder
+        .into_inner()
+        .map(Bytes::from)
+        .map_err(|e| RuntimeError::Engine(format!("building the files archive: {e}")))
+}
+
 /// The engine's create request for a fully resolved Kisara container.
 fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
     let mut exposed = Vec::with_capacity(config.ports.len());
@@ -811,6 +875,12 @@ fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
             net.clone(),
             EndpointSettings {
                 aliases: non_empty(&config.network_aliases),
+                ipam_config: config.ipv4_address.as_ref().map(|ip| {
+                    bollard::models::EndpointIpamConfig {
+                        ipv4_address: Some(ip.clone()),
+                        ..Default::default()
+                    }
+                }),
                 ..Default::default()
             },
         )])),

@@ -41,6 +41,10 @@ impl ApiError {
     pub fn exhausted(m: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, codes::POOL_EXHAUSTED, m)
     }
+    /// 409: a lifecycle limit (quota, one per challenge, global cap, renewals) is hit.
+    pub fn quota(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, codes::QUOTA_EXCEEDED, m)
+    }
     pub fn no_node(m: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, codes::NO_NODE, m)
     }
@@ -78,7 +82,9 @@ pub fn status_for_code(code: &str) -> StatusCode {
         codes::UNAUTHORIZED => StatusCode::UNAUTHORIZED,
         codes::FORBIDDEN => StatusCode::FORBIDDEN,
         codes::NOT_FOUND => StatusCode::NOT_FOUND,
-        codes::CONFLICT | codes::POOL_EXHAUSTED | "subnet_overlap" => StatusCode::CONFLICT,
+        codes::CONFLICT | codes::POOL_EXHAUSTED | codes::QUOTA_EXCEEDED | "subnet_overlap" => {
+            StatusCode::CONFLICT
+        }
         codes::NO_NODE | codes::NODE_UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
         codes::TIMEOUT => StatusCode::GATEWAY_TIMEOUT,
         codes::RUNTIME => StatusCode::BAD_GATEWAY,
@@ -122,6 +128,7 @@ impl From<kisara_store::StoreError> for ApiError {
             E::NotFound(m) => ApiError::not_found(m),
             E::Conflict(m) => ApiError::conflict(m),
             E::Exhausted(m) => ApiError::exhausted(m),
+            E::QuotaExceeded(m) => ApiError::quota(m),
             #[allow(unreachable_patterns)]
             other => ApiError::internal(format!("store: {other}")),
         }

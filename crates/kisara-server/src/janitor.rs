@@ -1,4 +1,5 @@
-//! Background upkeep: nodes silent past their grace period have their containers marked lost.
+//! Background upkeep: nodes silent past their grace period have their containers marked lost;
+//! expired instances are removed (by [`crate::instances::expiry_loop`], run from here).
 //!
 //! A lost container is not deleted: when its node comes back, the inventory reconciliation
 //! sets its real state again (running, or gone if the engine lost it too).
@@ -46,8 +47,13 @@ pub fn mark_lost(st: &AppState) -> usize {
     marked
 }
 
-/// Runs the upkeep until the server shuts down.
+/// Runs the upkeep until the server shuts down: the lost-node check every heartbeat
+/// interval, and instance expiry on its own, faster tick (see [`crate::instances`]).
 pub async fn run(st: Arc<AppState>) {
+    tokio::join!(lost_nodes(st.clone()), crate::instances::expiry_loop(st));
+}
+
+async fn lost_nodes(st: Arc<AppState>) {
     let mut tick = tokio::time::interval(st.settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

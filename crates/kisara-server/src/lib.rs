@@ -15,10 +15,13 @@ use kisara_core::config::ServerSettings;
 use kisara_store::Store;
 
 pub mod api;
+pub mod awd;
 pub mod error;
 pub mod events;
+pub mod flags;
 pub mod gateway;
 pub mod hub;
+pub mod instances;
 pub mod janitor;
 pub mod metrics;
 pub mod openapi;
@@ -71,6 +74,8 @@ pub struct AppState {
     /// interrupted by a crash or restart.
     pub started_at: i64,
     pub metrics: metrics::Metrics,
+    /// Key of `[team_hash]` flags (never logged).
+    pub flag_secret: Secret,
     /// Public listeners, tunnels and traffic of gateway-mode ports.
     pub gateway: gateway::Gateway,
 }
@@ -141,6 +146,7 @@ impl Server {
             None => tokens::load_or_create(&data_dir.join(ADMIN_TOKEN_FILE), "ksa_")?,
         };
         let join_token = tokens::load_or_create(&data_dir.join(JOIN_TOKEN_FILE), "ksj_")?;
+        let flag_secret = flags::load_secret(&settings, &data_dir)?;
         let ledger = placement::Ledger::load(&store, &settings)?;
         let events = events::EventBus::new(store.clone(), cluster_id.clone());
         let gateway = gateway::Gateway::new(settings.exposure.gateway.clone());
@@ -163,6 +169,7 @@ impl Server {
                 warm: Default::default(),
                 started_at: now(),
                 metrics: Default::default(),
+                flag_secret,
                 gateway,
                 placement: ledger,
                 events,

@@ -18,11 +18,13 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 mod events;
+mod instances;
 mod launch;
 mod leases;
 pub use leases::{first_free, node_scope, Lease, LeaseRequest, GATEWAY_SCOPE};
 mod services;
 pub use events::{AttemptOutcome, DeliveryCounts, PendingDelivery, WebhookRecord};
+pub use instances::{AwdGameRecord, InstanceRecord, KIND_CONTAINER, KIND_SERVICE};
 pub use services::{
     ServiceContainerMember, ServiceMembers, ServiceNetworkMember, ServiceRecord, SERVICE_LAUNCHING,
     SERVICE_UP,
@@ -40,6 +42,9 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// An admission limit (quota per owner, one per challenge, global cap) was hit.
+    #[error("{0}")]
+    QuotaExceeded(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -102,6 +107,7 @@ const MIGRATIONS: &[&str] = &[
     launch::MIGRATION_LAUNCH,
     services::MIGRATION_SERVICES,
     leases::MIGRATION_LEASES,
+    instances::MIGRATION_INSTANCES,
 ];
 
 const MIGRATION_1: &str = r#"
@@ -540,8 +546,17 @@ impl Store {
         memory_mb: u64,
         cpu_milli: u64,
     ) -> Result<()> {
-        let r = self
-            .conn()
+        Self::insert_container_on(&self.conn(), c, memory_mb, cpu_milli)
+    }
+
+    /// [`Store::insert_container_reserved`] on a connection or inside a transaction.
+    pub(crate) fn insert_container_on(
+        conn: &Connection,
+        c: &Container,
+        memory_mb: u64,
+        cpu_milli: u64,
+    ) -> Result<()> {
+        let r = conn
             .prepare_cached(
                 "INSERT INTO containers(id, docker_id, node_id, name, image, owner, module, labels,
                  network, ip_address, state, status, ports, created_at, memory_mb, cpu_milli)
@@ -595,6 +610,10 @@ impl Store {
             host_port: kisara_api::host_port_string(&ports),
             ports,
             created_at: r.get(13)?,
+            // Lifecycle fields live in the instances table; the server fills them in.
+            expires_at: None,
+            renewals: 0,
+            flags: None,
             traffic: None,
         })
     }
@@ -1205,6 +1224,9 @@ mod tests {
             ports: vec![],
             host_port: String::new(),
             created_at: 0,
+            expires_at: None,
+            renewals: 0,
+            flags: None,
             traffic: None,
         };
         st.insert_container(&mk("c1", "abcdef1234", "web")).unwrap();
@@ -1252,6 +1274,9 @@ mod tests {
             ports: vec![],
             host_port: String::new(),
             created_at: 0,
+            expires_at: None,
+            renewals: 0,
+            flags: None,
             traffic: None,
         }
     }

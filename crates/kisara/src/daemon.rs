@@ -75,8 +75,15 @@ pub struct NodeArgs {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KISARA_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("KISARA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Libraries that log request bodies stay at info whatever KISARA_LOG says: the bodies
+    // carry flags, which must never reach a log.
+    for d in kisara_server::flags::quiet_directives() {
+        if let Ok(d) = d.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -256,6 +263,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         }
         None => agent,
     };
+    // The host firewall rules that keep instances off this host (node.isolation).
+    let agent = agent.with_isolation(config.node_settings().map(|n| n.isolation).unwrap_or(true));
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
     print_banner(&started);
     wait(shutdown, started.task, Some(agent_task)).await
@@ -347,6 +356,7 @@ pub async fn node(args: NodeArgs, ca: Option<PathBuf>) -> Result<()> {
         None => agent,
     };
     let shutdown = CancellationToken::new();
+    let agent = agent.with_isolation(settings.isolation);
     let mut task = tokio::spawn(agent.run(shutdown.clone()));
     let result = tokio::select! {
         _ = stop_signal() => {

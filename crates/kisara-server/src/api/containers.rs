@@ -18,6 +18,7 @@ use kisara_core::policy::{self, LaunchContext};
 
 use super::{ApiJson, ApiQuery};
 use crate::error::{ApiError, ApiResult};
+use crate::instances::{self, Caller};
 use crate::{new_id, now, placement, AppState};
 
 /// How long a node may take to create and start a container (images are not pulled here).
@@ -35,6 +36,7 @@ pub const LIST_DEADLINE: Duration = Duration::from_secs(3);
               (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn launch(
     State(st): State<Arc<AppState>>,
+    caller: Caller,
     headers: HeaderMap,
     ApiJson(mut req): ApiJson<LaunchRequest>,
 ) -> ApiResult<(StatusCode, Json<Container>)> {
@@ -45,17 +47,39 @@ pub async fn launch(
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty());
     }
+    launch_container(st, req, Launch { caller, awd: None }).await
+}
+
+/// How a launch came to be: who asked, and for an AWD gamebox, which.
+#[derive(Debug)]
+pub struct Launch {
+    pub caller: Caller,
+    pub awd: Option<crate::awd::Gamebox>,
+}
+
+/// The launch itself, for the route and for AWD games.
+pub async fn launch_container(
+    st: Arc<AppState>,
+    req: LaunchRequest,
+    how: Launch,
+) -> ApiResult<(StatusCode, Json<Container>)> {
+    let caller = how.caller;
     if let Some(key) = &req.idempotency_key {
         if key.len() > 200 {
             return Err(ApiError::bad_request(
                 "idempotency key is longer than 200 characters",
             ));
         }
-        if let Some(done) = replay(&st, key)? {
+        if let Some(done) = replay(&st, key, caller)? {
             return Ok(done);
         }
     }
     let id = new_id();
+    // Lifetime and flags are settled (and refused when bad) before anything is made.
+    let mut prepared = instances::prepare(&st, &req, &id, kisara_store::KIND_CONTAINER)?;
+    if let Some(gamebox) = how.awd {
+        gamebox.shape(&mut prepared);
+    }
     // Resolve where it goes before anything is created.
     let existing_network = match &req.network {
         Some(name) => Some(
@@ -127,16 +151,25 @@ pub async fn launch(
         ports: Vec::new(),
         host_port: String::new(),
         created_at: now(),
+        expires_at: prepared.record.expires_at,
+        renewals: 0,
+        flags: None,
         traffic: None,
     };
     let reserved = reservation.resources();
-    st.store
-        .insert_container_reserved(&container, reserved.memory_mb, reserved.cpu_milli)?;
+    // The intent row and the instance's record go in together, under the admission limits.
+    instances::admit_container(
+        &st,
+        &container,
+        reserved.memory_mb,
+        reserved.cpu_milli,
+        &prepared.record,
+    )?;
     if let Some(key) = &req.idempotency_key {
         if let Err(e) = st.store.set_idempotency_key(&id, key) {
             // A concurrent request with the same key won the race: answer with its result.
             let _ = st.store.delete_container(&id);
-            if let Some(done) = replay(&st, key)? {
+            if let Some(done) = replay(&st, key, caller)? {
                 return Ok(done);
             }
             return Err(e.into());
@@ -149,6 +182,7 @@ pub async fn launch(
         &mut container,
         existing_network,
         &session,
+        &prepared,
     )
     .await
     {
@@ -157,6 +191,7 @@ pub async fn launch(
             st.metrics.placements.inc();
             st.events.container_launched(&container);
             tracing::info!(container = %id, node = %node_id, image = %req.image, "container launched");
+            instances::decorate(&mut container, Some(&prepared.record), caller);
             Ok((StatusCode::CREATED, Json(container)))
         }
         Err(e) => {
@@ -168,13 +203,20 @@ pub async fn launch(
 }
 
 /// The answer to a retried launch: the first one's container, or 409 while it is in flight.
-fn replay(st: &AppState, key: &str) -> ApiResult<Option<(StatusCode, Json<Container>)>> {
+fn replay(
+    st: &AppState,
+    key: &str,
+    caller: Caller,
+) -> ApiResult<Option<(StatusCode, Json<Container>)>> {
     match st.store.container_by_idempotency_key(key)? {
         None => Ok(None),
         Some(c) if c.state == ContainerState::Launching => Err(ApiError::conflict(format!(
             "a launch with idempotency key {key:?} is still in progress"
         ))),
-        Some(c) => Ok(Some((StatusCode::OK, Json(c)))),
+        Some(mut c) => {
+            instances::decorate_one(st, &mut c, caller);
+            Ok(Some((StatusCode::OK, Json(c))))
+        }
     }
 }
 
@@ -187,7 +229,9 @@ async fn launch_on_node(
     container: &mut Container,
     existing_network: Option<kisara_api::Network>,
     session: &crate::hub::NodeSession,
+    prepared: &instances::Prepared,
 ) -> ApiResult<()> {
+    let rendered = &prepared.rendered;
     let id = container.id.clone();
     let node_id = container.node_id.clone();
     // A network of its own: a spare from the warm pool when there is one (outbound traffic
@@ -238,7 +282,11 @@ async fn launch_on_node(
         }
     };
     let mut config = match policy::container_config(req, &st.settings, ctx) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            crate::flags::apply(&mut c, rendered);
+            c.ipv4_address = prepared.ipv4_address.clone();
+            c
+        }
         Err(e) => {
             undo_network(st.clone(), owned_network).await;
             return Err(e.into());
@@ -254,6 +302,22 @@ async fn launch_on_node(
             return Err(e);
         }
     };
+    // Exec flags go in once it runs; a failing flag command fails the launch.
+    if let Err(e) = crate::flags::run_execs(st, &node_id, &inv.docker_id, rendered).await {
+        let _ = st
+            .hub
+            .call(
+                &node_id,
+                Operation::Remove {
+                    docker_id: inv.docker_id.clone(),
+                    force: true,
+                },
+                CALL_TIMEOUT,
+            )
+            .await;
+        undo_network(st.clone(), owned_network).await;
+        return Err(e);
+    }
     container.docker_id = inv.docker_id.clone();
     container.name = inv.name.trim_start_matches('/').to_string();
     container.network = Some(network_name);
@@ -300,6 +364,7 @@ pub fn bindings(inv: &InventoryContainer, public_address: &str) -> Vec<PortBindi
     responses((status = 200, body = ListResponse<Container>)))]
 pub async fn list(
     State(st): State<Arc<AppState>>,
+    caller: Caller,
     ApiQuery(filter): ApiQuery<ContainerFilter>,
 ) -> ApiResult<Json<ListResponse<Container>>> {
     let node = match &filter.node {
@@ -319,6 +384,7 @@ pub async fn list(
     for c in &mut items {
         refresh(c, live.get(&c.node_id));
     }
+    instances::decorate_all(&st, &mut items, caller);
     Ok(Json(ListResponse { items, node_errors }))
 }
 
@@ -394,6 +460,7 @@ fn refresh(c: &mut Container, live: Option<&HashMap<String, InventoryContainer>>
     responses((status = 200, body = Container), (status = 404, body = ErrorBody)))]
 pub async fn inspect(
     State(st): State<Arc<AppState>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Container>> {
     let mut c = st.store.get_container(&id)?;
@@ -425,6 +492,7 @@ pub async fn inspect(
         }
     }
     c.traffic = st.gateway.traffic(&c.id);
+    instances::decorate_one(&st, &mut c, caller);
     Ok(Json(c))
 }
 

@@ -188,6 +188,8 @@ pub async fn create_on_node(
             internal,
             internet,
             labels: labels.clone(),
+            // Named for the node's isolation rules: `kn-` (no way out) or `ki-` (internet).
+            bridge_name: Some(kisara_api::bridge::name(&id, internet)),
         };
         match st
             .hub

@@ -77,6 +77,20 @@ pub struct RunArgs {
     /// Bind mount HOST:CONTAINER[:ro] (the server must allow it).
     #[arg(short = 'v', long = "bind", value_name = "HOST:CONTAINER[:ro]")]
     pub binds: Vec<String>,
+    /// Lifetime in seconds (renew with `kisara renew`); the server's default otherwise.
+    #[arg(long, value_name = "SECS")]
+    pub ttl: Option<u64>,
+    /// A flag in env FLAG, from a template such as `flag{[uuid]}` or `flag{[team_hash]}`.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub flag: Option<String>,
+    /// A flag spec as JSON, e.g. `{"template":"flag{[uuid]}","inject":{"file":{"path":"/flag"}}}`.
+    #[arg(long = "flag-spec", value_name = "JSON", value_parser = parse_flag_spec)]
+    pub flag_specs: Vec<kisara_api::FlagSpec>,
+}
+
+/// A `--flag-spec` argument.
+pub fn parse_flag_spec(s: &str) -> Result<kisara_api::FlagSpec, String> {
+    serde_json::from_str(s).map_err(|e| format!("not a flag spec: {e}"))
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +186,9 @@ pub async fn run(client: &Client, out: &Output, a: RunArgs) -> anyhow::Result<i3
         privileged: a.privileged,
         binds: a.binds,
         node: a.node,
+        ttl_secs: a.ttl,
+        flag: a.flag.map(kisara_api::agent::Secret),
+        flags: a.flag_specs,
         ..Default::default()
     };
     let c = client.launch(&req).await?;
@@ -192,6 +209,33 @@ pub async fn run(client: &Client, out: &Output, a: RunArgs) -> anyhow::Result<i3
 
 pub async fn stop(client: &Client, out: &Output, ids: &[String]) -> anyhow::Result<i32> {
     each_id(out, ids, async |id| client.stop(id).await).await
+}
+
+pub async fn renew(client: &Client, out: &Output, a: RenewArgs) -> anyhow::Result<i32> {
+    let c = client.renew(&a.id, a.secs).await?;
+    if out.json {
+        out.print_json(&c)?;
+    } else {
+        let until = c
+            .expires_at
+            .map_or_else(|| "-".to_string(), |e| e.to_string());
+        output::line(&format!(
+            "{} expires at {until} (in {}s), renewed {} times",
+            c.id,
+            c.expires_at.map_or(0, |e| e - output::now()),
+            c.renewals
+        ))?;
+    }
+    Ok(0)
+}
+
+#[derive(Debug, Args)]
+pub struct RenewArgs {
+    /// Kisara id, name, or Docker id prefix.
+    pub id: String,
+    /// Seconds to extend by (default: the server's renewal step).
+    #[arg(long, value_name = "SECS")]
+    pub secs: Option<u64>,
 }
 
 pub async fn rm(client: &Client, out: &Output, a: RmArgs) -> anyhow::Result<i32> {

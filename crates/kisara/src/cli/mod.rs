@@ -4,6 +4,7 @@
 //! never around it, so what the CLI can do a platform can do too. Handlers are short and live
 //! one file per verb group; tables and formatting are in `output`.
 
+pub mod awd;
 pub mod containers;
 pub mod events;
 pub mod images;
@@ -97,6 +98,11 @@ pub enum ClientCommand {
     },
     /// Remove containers.
     Rm(containers::RmArgs),
+    /// Extend a container's lifetime.
+    Renew(containers::RenewArgs),
+    /// AWD games: a shared game network and a gamebox per team; rotate flags, reset boxes.
+    #[command(subcommand)]
+    Awd(awd::AwdCommand),
     /// Show a container as JSON.
     Inspect {
         /// Kisara id, name, or Docker id prefix.
@@ -152,6 +158,8 @@ pub async fn run(args: ClientArgs, cmd: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Run(a) => containers::run(&client, &out, a).await,
         ClientCommand::Stop { ids } => containers::stop(&client, &out, &ids).await,
         ClientCommand::Rm(a) => containers::rm(&client, &out, a).await,
+        ClientCommand::Renew(a) => containers::renew(&client, &out, a).await,
+        ClientCommand::Awd(c) => awd::run(&client, &out, c).await,
         ClientCommand::Inspect { id } => containers::inspect(&client, &out, &id).await,
         ClientCommand::Exec(a) => containers::exec(&client, &out, a).await,
         ClientCommand::Logs(a) => containers::logs(&client, a).await,
