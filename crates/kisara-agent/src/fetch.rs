@@ -21,7 +21,13 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(server_url: &str, node_id: String, credential: Option<Secret>) -> Self {
+    /// `ca_pem`: the CA an `https://` server's certificate is signed by (else the system's).
+    pub fn new(
+        server_url: &str,
+        node_id: String,
+        credential: Option<Secret>,
+        ca_pem: Option<&[u8]>,
+    ) -> Self {
         let base = server_url.trim_end_matches('/');
         let base = if let Some(rest) = base.strip_prefix("ws://") {
             format!("http://{rest}")
@@ -34,10 +40,15 @@ impl Fetcher {
             base,
             node_id,
             credential,
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .build()
-                .unwrap_or_default(),
+            http: {
+                let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+                if let Some(certs) =
+                    ca_pem.and_then(|p| reqwest::Certificate::from_pem_bundle(p).ok())
+                {
+                    b = b.tls_certs_only(certs);
+                }
+                b.build().unwrap_or_default()
+            },
         }
     }
 }

@@ -73,6 +73,8 @@ pub struct Agent {
     engine_events: Arc<events::EngineEvents>,
     /// Trust for a `wss://` server: only certificates signed by this CA.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The same CA as PEM, for the bulk-download client.
+    ca_pem: Option<Vec<u8>>,
     /// How this node exposes ports (announced in the hello).
     exposure: kisara_api::NodeExposure,
     /// Install (true) or remove (false) the host isolation rules at start; `None` leaves
@@ -99,6 +101,7 @@ impl Agent {
             opts,
             engine_events: Default::default(),
             tls: None,
+            ca_pem: None,
             exposure: Default::default(),
             isolation: None,
         }
@@ -139,6 +142,7 @@ impl Agent {
             .with_root_certificates(roots)
             .with_no_client_auth();
         self.tls = Some(Arc::new(config));
+        self.ca_pem = std::fs::read(path).ok();
         Ok(self)
     }
 
@@ -322,6 +326,7 @@ impl Agent {
             &self.opts.server_url,
             node_id.clone(),
             self.load_identity().map(|i| i.credential),
+            self.ca_pem.as_deref(),
         ));
         let filter: LabelFilter = vec![(kisara_api::labels::CLUSTER.to_string(), cluster_id)];
 

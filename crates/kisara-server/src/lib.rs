@@ -73,6 +73,9 @@ pub struct AppState {
     /// When this process opened the store (unix seconds): launch intent older than this was
     /// interrupted by a crash or restart.
     pub started_at: i64,
+    /// Launches (containers, networks) this process has under way: their intent rows are not
+    /// to be settled by reconciliation, however young or old.
+    in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
     pub metrics: metrics::Metrics,
     /// Key of `[team_hash]` flags (never logged).
     pub flag_secret: Secret,
@@ -87,12 +90,45 @@ impl AppState {
     pub fn join_token(&self) -> &Secret {
         &self.join_token
     }
+    /// Marks a launch as under way in this process until the guard is dropped.
+    pub fn begin_launch(self: &Arc<Self>, id: &str) -> InFlightGuard {
+        if let Ok(mut s) = self.in_flight.lock() {
+            s.insert(id.to_string());
+        }
+        InFlightGuard {
+            state: self.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    /// Whether this process is still working on the launch of `id`.
+    pub fn is_in_flight(&self, id: &str) -> bool {
+        self.in_flight
+            .lock()
+            .map(|s| s.contains(id))
+            .unwrap_or(true)
+    }
+
     pub fn unknown_containers(&self) -> std::collections::HashMap<String, Vec<String>> {
         self.unknown.lock().map(|m| m.clone()).unwrap_or_default()
     }
     pub fn set_unknown_containers(&self, node_id: &str, ids: Vec<String>) {
         if let Ok(mut m) = self.unknown.lock() {
             m.insert(node_id.to_string(), ids);
+        }
+    }
+}
+
+/// Ends an in-flight launch when dropped (on success, failure or a dropped request alike).
+pub struct InFlightGuard {
+    state: Arc<AppState>,
+    id: String,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.state.in_flight.lock() {
+            s.remove(&self.id);
         }
     }
 }
@@ -168,6 +204,7 @@ impl Server {
                 unknown: Default::default(),
                 warm: Default::default(),
                 started_at: now(),
+                in_flight: Default::default(),
                 metrics: Default::default(),
                 flag_secret,
                 gateway,

@@ -5,7 +5,7 @@
 //! reported on the node (never silently adopted or deleted). Intent left by a launch that a
 //! crash interrupted (rows in `launching`, networks without an engine id) is settled here: the
 //! engine's object is adopted when it exists, and the intent dropped (with its subnet) when it
-//! does not and the row is older than this server process.
+//! does not and no launch of this process is still working on it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -63,9 +63,9 @@ pub async fn reconcile_node(
                         adopted += 1;
                     }
                 }
-                // Only intent from before this process started is abandoned: a launch of
-                // this process may still be on its way to the node.
-                None if c.created_at < st.started_at => {
+                // Intent that no launch of this process is working on was interrupted (by a
+                // crash or restart) and is abandoned; a launch still under way is left alone.
+                None if !st.is_in_flight(&c.id) => {
                     for net in st.store.networks_owned_by(&c.id).unwrap_or_default() {
                         crate::api::networks::destroy(st, &net).await;
                     }
@@ -136,7 +136,7 @@ async fn settle_networks(st: &Arc<AppState>, node_id: &str, networks: &[Inventor
             Some(inv) => {
                 let _ = st.store.set_network_docker_id(&row.id, &inv.docker_id);
             }
-            None if row.created_at < st.started_at => {
+            None if !st.is_in_flight(&row.id) => {
                 if let Ok(subnet) = row.subnet.parse::<ipnet::Ipv4Net>() {
                     let _ = st.store.release_subnet(&subnet);
                 }

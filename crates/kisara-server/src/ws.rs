@@ -156,9 +156,17 @@ async fn serve_agent(state: Arc<AppState>, mut socket: WebSocket) {
     });
 
     let shutdown = state.shutdown.clone();
+    let silence_limit = state.settings.heartbeat_interval * 3;
     loop {
+        // An agent that says nothing for three heartbeat intervals is gone, even if its TCP
+        // connection is not (a frozen process, a cut cable): close the session, so that the
+        // disconnect is a fact and the node's grace period starts.
         let frame = tokio::select! {
             f = stream.next() => f,
+            _ = tokio::time::sleep(silence_limit) => {
+                tracing::warn!(node = %node_id, "agent silent for {silence_limit:?}; closing its channel");
+                break;
+            }
             _ = shutdown.cancelled() => break,
         };
         let text = match frame {

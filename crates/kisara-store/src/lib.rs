@@ -21,10 +21,10 @@ mod events;
 mod instances;
 mod launch;
 mod leases;
-pub use leases::{first_free, node_scope, Lease, LeaseRequest, GATEWAY_SCOPE};
 mod services;
 pub use events::{AttemptOutcome, DeliveryCounts, PendingDelivery, WebhookRecord};
 pub use instances::{AwdGameRecord, InstanceRecord, KIND_CONTAINER, KIND_SERVICE};
+pub use leases::{first_free, node_scope, Lease, LeaseRequest, GATEWAY_SCOPE};
 pub use services::{
     ServiceContainerMember, ServiceMembers, ServiceNetworkMember, ServiceRecord, SERVICE_LAUNCHING,
     SERVICE_UP,

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use kisara_api::{ContainerFilter, ContainerState, ExecRequest, LaunchRequest, Protocol};
 use kisara_runtime::Runtime;
 
@@ -488,5 +488,51 @@ async fn a_node_down_past_its_grace_loses_its_containers_once_and_finds_them_aga
     assert_eq!(back.state, ContainerState::Running);
     k.client.stop(&c.id).await.unwrap();
     k.assert_clean().await;
+    k.stop().await;
+}
+
+/// An agent whose process freezes keeps its TCP connection open but says nothing: the server
+/// must close the channel after three missed heartbeats, so the disconnect is a fact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_disconnected_after_three_heartbeats() {
+    use tokio_tungstenite::tungstenite::Message;
+    let k =
+        TestCluster::start_with("[server]\nheartbeat_interval_secs = 1\nnode_grace_secs = 30\n")
+            .await;
+    let join = std::fs::read_to_string(k.data_dir.join("join.token")).unwrap();
+    let url = format!("{}/v1/agent/connect", k.url.replacen("http://", "ws://", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let hello = serde_json::json!({
+        "type": "hello", "protocol_version": kisara_api::agent::PROTOCOL_VERSION,
+        "name": "mute", "join_token": join.trim(), "node_id": null, "credential": null,
+        "agent_version": "test",
+        "engine": serde_json::to_value(kisara_api::EngineInfo::default()).unwrap(),
+        "public_address": "127.0.0.1",
+        "labels": {}, "max_containers": 0,
+    });
+    ws.send(Message::text(hello.to_string())).await.unwrap();
+    let welcome = ws.next().await.expect("welcome").expect("welcome");
+    assert!(
+        welcome.to_text().unwrap().contains("welcome"),
+        "{welcome:?}"
+    );
+    let t0 = tokio::time::Instant::now();
+    // Say nothing: the server ends the session (3 s here), not the test's deadline.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), ws.next()).await {
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break,
+            Ok(Some(Ok(_))) => continue,
+            Err(_) => panic!("the server kept a silent agent's channel open"),
+        }
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
+        "closed after {waited:?}"
+    );
+    let mute = k.client.node("mute").await.unwrap();
+    assert_ne!(mute.state, kisara_api::NodeState::Ready);
     k.stop().await;
 }

@@ -75,6 +75,7 @@ pub async fn launch_container(
         }
     }
     let id = new_id();
+    let _in_flight = st.begin_launch(&id);
     // Lifetime and flags are settled (and refused when bad) before anything is made.
     let mut prepared = instances::prepare(&st, &req, &id, kisara_store::KIND_CONTAINER)?;
     if let Some(gamebox) = how.awd {

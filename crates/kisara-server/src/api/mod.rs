@@ -171,8 +171,6 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
         .route("/v1/agent/connect", get(crate::ws::connect))
         // Agents' data connections for gateway tunnels (node credential, upgraded to bytes).
         .route("/v1/agent/tunnel/{id}", get(crate::gateway::tunnel::accept))
-        // Agents' data connections for gateway tunnels (node credential, upgraded to bytes).
-        .route("/v1/agent/tunnel/{id}", get(crate::gateway::tunnel::accept))
         .with_state(state)
         .merge(protected);
     (app, spec)

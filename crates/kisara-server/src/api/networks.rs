@@ -123,6 +123,7 @@ pub async fn create_on_node(
     mut labels: BTreeMap<String, String>,
 ) -> ApiResult<Network> {
     let id = new_id();
+    let _in_flight = st.begin_launch(&id);
     labels.insert(
         kisara_api::labels::CLUSTER.to_string(),
         st.cluster_id.clone(),
