@@ -43,6 +43,48 @@ const DEFAULT_HEALTH_TIMEOUT_SECS: u64 = 120;
 const MAX_HEALTH_TIMEOUT_SECS: u64 = 3600;
 /// How often health is read while waiting for it.
 const HEALTH_POLL: Duration = Duration::from_millis(100);
+/// How often health is read around the moments the engine runs a probe.
+const HEALTH_POLL_FAST: Duration = Duration::from_millis(20);
+/// The engine's healthcheck interval when the file names none.
+const DOCKER_DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// When a container's health can change: the engine probes every `interval` from the start,
+/// so health is read often just around those moments and seldom in between (a hundred
+/// services waiting at once must not flood their node with inspects).
+#[derive(Clone, Copy)]
+struct Probes {
+    started: tokio::time::Instant,
+    interval: Option<Duration>,
+}
+
+impl Probes {
+    fn of(c: &PlannedContainer, started: tokio::time::Instant) -> Probes {
+        let interval = c.healthcheck.as_ref().map(|h| {
+            h.interval_ms
+                .filter(|ms| *ms > 0)
+                .map_or(DOCKER_DEFAULT_INTERVAL, Duration::from_millis)
+        });
+        Probes { started, interval }
+    }
+
+    fn next_poll(&self) -> Duration {
+        let Some(iv) = self.interval else {
+            return HEALTH_POLL;
+        };
+        let iv_ms = iv.as_millis().max(1) as u64;
+        if iv_ms <= 500 {
+            return HEALTH_POLL_FAST;
+        }
+        let phase = (self.started.elapsed().as_millis() as u64) % iv_ms;
+        // A probe runs at each multiple of the interval (measured from a moment just after
+        // the start) and takes a few tens of milliseconds.
+        if phase < 400 || phase + 50 >= iv_ms {
+            HEALTH_POLL_FAST
+        } else {
+            Duration::from_millis(iv_ms - 50 - phase)
+        }
+    }
+}
 const LIST_DEADLINE: Duration = super::containers::LIST_DEADLINE;
 
 /// Launch a service on one node; answers once it is up (healthy where it has healthchecks).
@@ -155,6 +197,11 @@ async fn launch_service(
         }
     }
     let ids: Vec<String> = plan.containers.iter().map(|_| new_id()).collect();
+    // Reconciliation must not settle these rows while this launch is still working on them.
+    let _in_flight: Vec<_> = std::iter::once(&service_id)
+        .chain(ids.iter())
+        .map(|id| st.begin_launch(id))
+        .collect();
     let members: Vec<(String, Resources)> = plan
         .containers
         .iter()
@@ -374,7 +421,8 @@ async fn build(
 
     // Containers, in waves: each as soon as what it depends on is up (healthy where asked).
     let deadline = tokio::time::Instant::now() + health_timeout;
-    let mut started: HashMap<String, String> = HashMap::new(); // service → docker id
+    // service → docker id, and when its health can change
+    let mut started: HashMap<String, (String, Probes)> = HashMap::new();
     let mut healthy: BTreeSet<String> = BTreeSet::new();
     let mut pending: Vec<usize> = (0..plan.containers.len()).collect();
     while !pending.is_empty() {
@@ -403,11 +451,21 @@ async fn build(
                 }
             }
         }
-        let checks = waits.iter().map(|(dep, by)| {
-            let docker_id = started.get(dep).cloned().unwrap_or_default();
-            let node_id = node_id.clone();
-            async move { wait_healthy(st, &node_id, &docker_id, dep, Some(by), deadline).await }
-        });
+        let checks =
+            waits.iter().map(|(dep, by)| {
+                // Every dependency of the wave was started (that is what put it in the wave).
+                let (docker_id, probes) = started.get(dep).cloned().unwrap_or((
+                    String::new(),
+                    Probes {
+                        started: tokio::time::Instant::now(),
+                        interval: None,
+                    },
+                ));
+                let node_id = node_id.clone();
+                async move {
+                    wait_healthy(st, &node_id, &docker_id, dep, Some(by), probes, deadline).await
+                }
+            });
         for r in futures::future::join_all(checks).await {
             r?;
         }
@@ -421,7 +479,8 @@ async fn build(
             match r {
                 Ok(docker_id) => {
                     made.containers.push((ids[i].clone(), docker_id.clone()));
-                    started.insert(plan.containers[i].service.clone(), docker_id);
+                    let probes = Probes::of(&plan.containers[i], tokio::time::Instant::now());
+                    started.insert(plan.containers[i].service.clone(), (docker_id, probes));
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -444,24 +503,27 @@ async fn build(
                 .as_ref()
                 .is_none_or(|h| h.test.first().map(String::as_str) != Some("NONE"))
         })
-        .map(|c| {
-            let docker_id = started.get(&c.service).cloned().unwrap_or_default();
+        .filter_map(|c| {
+            let (docker_id, probes) = started.get(&c.service).cloned()?;
             let node_id = node_id.clone();
             let has_check = c.healthcheck.is_some();
-            async move {
+            Some(async move {
                 if has_check {
-                    wait_healthy(st, &node_id, &docker_id, &c.service, None, deadline).await
+                    wait_healthy(st, &node_id, &docker_id, &c.service, None, probes, deadline).await
                 } else {
-                    wait_image_health(st, &node_id, &docker_id, &c.service, deadline).await
+                    wait_image_health(st, &node_id, &docker_id, &c.service, probes, deadline).await
                 }
-            }
+            })
         });
     for r in futures::future::join_all(checks).await {
         r?;
     }
 
     for (c, id) in plan.containers.iter().zip(ids) {
-        let docker_id = started.get(&c.service).cloned().unwrap_or_default();
+        let docker_id = started
+            .get(&c.service)
+            .map(|(d, _)| d.clone())
+            .unwrap_or_default();
         place_flags(st, &node_id, c, id, &docker_id).await?;
     }
     Ok(())
@@ -644,6 +706,7 @@ async fn wait_healthy(
     docker_id: &str,
     service: &str,
     needed_by: Option<&str>,
+    probes: Probes,
     deadline: tokio::time::Instant,
 ) -> ApiResult<()> {
     let why = match needed_by {
@@ -677,7 +740,13 @@ async fn wait_healthy(
                 "service {service} was not healthy within the health timeout{why}"
             )));
         }
-        tokio::time::sleep(HEALTH_POLL).await;
+        let now = tokio::time::Instant::now();
+        tokio::time::sleep(
+            probes
+                .next_poll()
+                .min(deadline.saturating_duration_since(now)),
+        )
+        .await;
     }
 }
 
@@ -688,13 +757,14 @@ async fn wait_image_health(
     node_id: &str,
     docker_id: &str,
     service: &str,
+    probes: Probes,
     deadline: tokio::time::Instant,
 ) -> ApiResult<()> {
     let inv = inspect(st, node_id, docker_id).await?;
     if inv.health.is_none() {
         return Ok(());
     }
-    wait_healthy(st, node_id, docker_id, service, None, deadline).await
+    wait_healthy(st, node_id, docker_id, service, None, probes, deadline).await
 }
 
 async fn remove_container(st: &Arc<AppState>, node_id: &str, docker_id: &str) -> bool {

@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Multi-container services: Kisara versus docker-compose and Docker Swarm on the same engine.
+
+A three-container challenge (web -> api -> db, busybox `httpd` and `nc -ll`, a healthcheck on
+each, `depends_on: {condition: service_healthy}` down the chain, only web's port published).
+
+1. Single launch, interleaved RUNS times each, timed from the command until every container is
+   healthy and web's published port answers HTTP:
+     * kisara   POST /v1/services (answers once all are healthy), then the port answers
+     * compose  `docker-compose -p NAME up -d` (Debian's 1.29), then poll `docker inspect`
+                until all three are healthy and the port answers
+2. Fifty team instances at once, timed until every instance's web port answers HTTP:
+     * kisara   50 concurrent POST /v1/services
+     * swarm    50 concurrent `docker stack deploy` (swarm on this one engine; ports published
+                with mode=host and endpoint_mode=dnsrr, since the ingress mesh and VIPs need
+                IPVS, which these kernels lack; stacks ignore depends_on)
+   Everything is removed between phases.
+
+Usage: bench/services.py [RUNS] [INSTANCES]   (default 10 and 50; needs kisara-test/busybox)
+Starts its own `kisara up` (release build) on a temporary data dir and a loopback port.
+"""
+import concurrent.futures as cf
+import json, os, shutil, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+
+RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+INSTANCES = int(sys.argv[2]) if len(sys.argv) > 2 else 50
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KISARA = os.path.join(ROOT, "target", "release", "kisara")
+
+HEALTH = """    healthcheck:
+      test: ["CMD-SHELL", "{test}"]
+      interval: 1s
+      timeout: 2s
+      retries: 60
+"""
+LIMITS = """    mem_limit: 32m
+"""
+
+
+def challenge(swarm=False):
+    """The compose file; the swarm variant publishes in host mode, resolves by DNS round
+    robin (no VIP), and drops depends_on (stacks ignore it) and the compose-only limits."""
+    web_ports = ('    ports: [{target: 80, mode: host}]\n' if swarm else '    ports: ["80"]\n')
+    deploy = "    deploy: {endpoint_mode: dnsrr, resources: {limits: {memory: 32M}}}\n" if swarm else LIMITS
+    dep = lambda s: "" if swarm else f"    depends_on: {{{s}: {{condition: service_healthy}}}}\n"
+    img = "    image: kisara-test/busybox:latest\n"
+    return ("services:\n"
+            "  web:\n" + img +
+            '    command: ["httpd", "-f", "-p", "80", "-h", "/www"]\n' + web_ports + dep("api") +
+            HEALTH.format(test="printf 'GET / HTTP/1.0\\\\r\\\\n\\\\r\\\\n' | nc -w 2 127.0.0.1 80 | grep -q HTTP") + deploy +
+            "  api:\n" + img +
+            '    command: ["nc", "-ll", "-p", "8080", "-e", "sh", "-c", "echo api-ok; nc -w 2 db 5432"]\n' + dep("db") +
+            HEALTH.format(test="nc -w 2 127.0.0.1 8080 </dev/null | grep -q api-ok") + deploy +
+            "  db:\n" + img +
+            '    command: ["nc", "-ll", "-p", "5432", "-e", "echo", "db-ok"]\n' +
+            HEALTH.format(test="nc -w 2 127.0.0.1 5432 </dev/null | grep -q db-ok") + deploy)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return s.recv(64).startswith(b"HTTP")
+    except OSError:
+        return False
+
+
+def wait_http(port, deadline=60.0):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if answers(port):
+            return
+        time.sleep(0.005)
+    raise RuntimeError(f"port {port} never answered")
+
+
+def api(url, token, method, path, body=None, timeout=300):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method=method)
+    req.add_header("Authorization", "Bearer " + token)
+    if data:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{method} {path}: {e.code} {e.read().decode(errors='replace')}")
+
+
+def sh(*args, **kw):
+    return subprocess.run(list(args), check=True, capture_output=True, text=True, **kw).stdout
+
+
+def compose_once(path, project):
+    t0 = time.monotonic()
+    sh("docker-compose", "-f", path, "-p", project, "up", "-d")
+    ids = sh("docker-compose", "-f", path, "-p", project, "ps", "-q").split()
+    port = None
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        info = json.loads(sh("docker", "inspect", *ids))
+        healthy = all(c["State"].get("Health", {}).get("Status") == "healthy" for c in info)
+        for c in info:
+            b = (c["NetworkSettings"]["Ports"] or {}).get("80/tcp")
+            if b:
+                port = int(b[0]["HostPort"])
+        if healthy and port and answers(port):
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise RuntimeError(f"compose project {project} never came up healthy")
+
+
+def kisara_once(url, token, text, owner):
+    t0 = time.monotonic()
+    s = api(url, token, "POST", "/v1/services", {"compose": text, "owner": owner, "module": "bench"})
+    assert all(c["health"] == "healthy" for c in s["containers"]), s
+    wait_http(s["ports"][0]["public_port"])
+    return time.monotonic() - t0, s["id"]
+
+
+def swarm_fifty(text, n):
+    path = tempfile.mktemp(suffix=".yml")
+    with open(path, "w") as f:
+        f.write(text)
+    stacks = [f"kbench{i}" for i in range(n)]
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(n) as ex:
+        list(ex.map(lambda s: sh("docker", "stack", "deploy", "-c", path, s), stacks))
+    pending = set(stacks)
+    end = time.monotonic() + 600
+    while pending and time.monotonic() < end:
+        for s in list(pending):
+            out = sh("docker", "ps", "-q", "--filter", f"label=com.docker.stack.namespace={s}",
+                     "--filter", f"label=com.docker.swarm.service.name={s}_web")
+            ids = out.split()
+            if not ids:
+                continue
+            ports = json.loads(sh("docker", "inspect", ids[0]))[0]["NetworkSettings"]["Ports"] or {}
+            b = ports.get("80/tcp")
+            if b and answers(int(b[0]["HostPort"])):
+                pending.discard(s)
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    if pending:
+        raise RuntimeError(f"swarm stacks never answered: {sorted(pending)}")
+    for s in stacks:
+        subprocess.run(["docker", "stack", "rm", s], capture_output=True)
+    os.unlink(path)
+    return elapsed
+
+
+def main():
+    if not os.path.exists(KISARA):
+        subprocess.run(["cargo", "build", "--release", "-p", "kisara"], cwd=ROOT, check=True)
+    data = tempfile.mkdtemp(prefix="kisara-bench-")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, KISARA_LOG="warn")
+    # 150 containers at Kisara's default reservation of one core each on a small machine: the
+    # ledger is told to overcommit cpu as far as the peers do (they reserve nothing).
+    config = os.path.join(data, "kisara.toml")
+    with open(config, "w") as f:
+        f.write("[server]\ncpu_overcommit = 200.0\n")
+    proc = subprocess.Popen([KISARA, "up", "--config", config, "--data-dir", data,
+                             "--listen", f"127.0.0.1:{port}"],
+                            env=env, stdout=subprocess.DEVNULL)
+    text = challenge()
+    cpath = os.path.join(data, "compose.yml")
+    with open(cpath, "w") as f:
+        f.write(text)
+    swarm_started = False
+    try:
+        end = time.monotonic() + 30
+        token = None
+        while time.monotonic() < end:
+            try:
+                token = open(os.path.join(data, "admin.token")).read().strip()
+                if any(n["state"] == "ready" for n in api(url, token, "GET", "/v1/nodes")["items"]):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.05)
+        time.sleep(2)
+
+        # 1. single launches, interleaved
+        samples = {"kisara": [], "compose": []}
+        for i in range(RUNS):
+            dt, sid = kisara_once(url, token, text, f"single{i}")
+            samples["kisara"].append(dt)
+            api(url, token, "DELETE", f"/v1/services/{sid}")
+            project = f"kbench{os.getpid()}x{i}"
+            samples["compose"].append(compose_once(cpath, project))
+            sh("docker-compose", "-f", cpath, "-p", project, "down", "-t", "1")
+        med = {k: statistics.median(v) * 1000 for k, v in samples.items()}
+        print(f"single launch to all-healthy + port answers, {RUNS} interleaved runs each:")
+        for k, v in med.items():
+            print(f"  median {k:8s} {v:8.0f} ms   (min {min(samples[k])*1000:.0f}, max {max(samples[k])*1000:.0f})")
+        print(f"  ratio kisara / docker-compose = {med['kisara'] / med['compose']:.2f}")
+
+        # 2. fifty at once: Kisara
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(INSTANCES) as ex:
+            results = list(ex.map(lambda i: kisara_once(url, token, text, f"team{i}"), range(INSTANCES)))
+        kisara_all = time.monotonic() - t0
+        for _, sid in results:
+            api(url, token, "DELETE", f"/v1/services/{sid}")
+        print(f"{INSTANCES} instances at once, until every one answers:")
+        print(f"  kisara  {kisara_all:6.1f} s   (each all-healthy before it counts)")
+
+        # 2. fifty at once: Swarm
+        swarm_was = sh("docker", "info", "--format", "{{.Swarm.LocalNodeState}}").strip()
+        if swarm_was != "active":
+            sh("docker", "swarm", "init", "--advertise-addr", "127.0.0.1")
+            swarm_started = True
+        swarm_all = swarm_fifty(challenge(swarm=True), INSTANCES)
+        print(f"  swarm   {swarm_all:6.1f} s   (web answers; stacks do not wait for health)")
+        print(f"  ratio kisara / swarm = {kisara_all / swarm_all:.2f}")
+    finally:
+        if swarm_started:
+            subprocess.run(["docker", "swarm", "leave", "--force"], capture_output=True)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
