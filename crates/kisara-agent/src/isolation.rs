@@ -141,9 +141,31 @@ fn args(op: &str, chain: &str, extra: &[String]) -> Vec<String> {
     v
 }
 
+/// Agents (and tests) on one host serialise their check-then-insert through this lock, so
+/// two of them starting together cannot both insert a rule.
+const LOCK_FILE: &str = "/run/kisara-isolation.lock";
+
+/// Holds the host-wide isolation lock until dropped (best effort: without `/run`, unlocked).
+async fn host_lock() -> Option<std::fs::File> {
+    tokio::task::spawn_blocking(|| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK_FILE)
+            .ok()?;
+        f.lock().ok()?;
+        Some(f)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// Installs the rules with `tool` (`iptables` or `ip6tables`); running it again changes
 /// nothing.
 pub async fn install_with(tool: &str) -> Result<(), IsolationError> {
+    let _lock = host_lock().await;
     for chain in [INPUT_CHAIN, FORWARD_CHAIN] {
         // Fails when the chain exists, which is fine.
         let _ = run(tool, &args("-N", chain, &[])).await?;
@@ -172,6 +194,7 @@ pub async fn install_with(tool: &str) -> Result<(), IsolationError> {
 
 /// Removes Kisara's rules and chains (and nothing else).
 pub async fn uninstall_with(tool: &str) -> Result<(), IsolationError> {
+    let _lock = host_lock().await;
     for hook in ["DOCKER-USER", "FORWARD"] {
         for r in plan(hook).into_iter().filter(|r| r.first) {
             // A rule inserted twice by racing agents goes too; bounded all the same.
