@@ -11,6 +11,7 @@
 //! away mid-launch cannot leave half a service behind.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +46,27 @@ const MAX_HEALTH_TIMEOUT_SECS: u64 = 3600;
 const HEALTH_POLL: Duration = Duration::from_millis(100);
 /// How often health is read around the moments the engine runs a probe.
 const HEALTH_POLL_FAST: Duration = Duration::from_millis(20);
+/// The slowest the fast rate gets when many launches wait for health at once.
+const HEALTH_POLL_MAX: Duration = Duration::from_millis(500);
+/// Health waits in progress on this server.
+static HEALTH_WAITERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a health wait for as long as it lives.
+struct Waiting;
+
+impl Waiting {
+    fn start() -> Waiting {
+        HEALTH_WAITERS.fetch_add(1, Ordering::Relaxed);
+        Waiting
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        HEALTH_WAITERS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The engine's healthcheck interval when the file names none.
 const DOCKER_DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -71,15 +93,19 @@ impl Probes {
         let Some(iv) = self.interval else {
             return HEALTH_POLL;
         };
+        // Many launches waiting at once share their node's attention: the fast rate slows
+        // down with their number (each wait is one inspect per poll).
+        let waiting = HEALTH_WAITERS.load(Ordering::Relaxed).max(1) as u32;
+        let fast = (HEALTH_POLL_FAST * waiting / 2).clamp(HEALTH_POLL_FAST, HEALTH_POLL_MAX);
         let iv_ms = iv.as_millis().max(1) as u64;
         if iv_ms <= 500 {
-            return HEALTH_POLL_FAST;
+            return fast;
         }
         let phase = (self.started.elapsed().as_millis() as u64) % iv_ms;
         // A probe runs at each multiple of the interval (measured from a moment just after
         // the start) and takes a few tens of milliseconds.
         if phase < 400 || phase + 50 >= iv_ms {
-            HEALTH_POLL_FAST
+            fast
         } else {
             Duration::from_millis(iv_ms - 50 - phase)
         }
@@ -713,8 +739,15 @@ async fn wait_healthy(
         Some(by) => format!(" ({by} depends on it with condition service_healthy)"),
         None => String::new(),
     };
+    let _waiting = Waiting::start();
     loop {
-        let inv = inspect(st, node_id, docker_id).await?;
+        let inv = match inspect(st, node_id, docker_id).await {
+            Ok(inv) => Some(inv),
+            // A node busy with many launches may answer late: that is not an answer.
+            Err(e) if e.code == codes::TIMEOUT && tokio::time::Instant::now() < deadline => None,
+            Err(e) => return Err(e),
+        };
+        let Some(inv) = inv else { continue };
         match (inv.state.as_str(), inv.health.as_deref()) {
             (_, Some("healthy")) => return Ok(()),
             (_, Some("unhealthy")) => {
@@ -1082,8 +1115,8 @@ fn view(
 }
 
 /// Settles services a crash interrupted mid-launch on this node (called when its inventory is
-/// reconciled): what they made is removed, like a failed launch. Only services from before
-/// this server process started are touched: a launch of this process may still be running.
+/// reconciled): what they made is removed, like a failed launch. A launch this process is
+/// still running is left alone (it settles its own rows).
 pub async fn reconcile_node(st: &Arc<AppState>, node_id: &str) {
     let recs = match st.store.list_services(None, None, Some(node_id)) {
         Ok(r) => r,
@@ -1093,7 +1126,7 @@ pub async fn reconcile_node(st: &Arc<AppState>, node_id: &str) {
         }
     };
     for rec in recs {
-        if rec.state != SERVICE_LAUNCHING || rec.created_at >= st.started_at {
+        if rec.state != SERVICE_LAUNCHING || st.is_in_flight(&rec.id) {
             continue;
         }
         let mut made = Made::default();
