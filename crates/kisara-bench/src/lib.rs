@@ -217,8 +217,19 @@ pub async fn launch_many(
     concurrency: usize,
     req: LaunchRequest,
 ) -> Result<LaunchStats, BenchError> {
+    launch_many_with(url, token, total, concurrency, move |_| req.clone()).await
+}
+
+/// [`launch_many`] where launch `i` (0-based, in the order they are sent) is `make(i)`.
+pub async fn launch_many_with(
+    url: &str,
+    token: &str,
+    total: usize,
+    concurrency: usize,
+    make: impl Fn(usize) -> LaunchRequest + Send + Sync + 'static,
+) -> Result<LaunchStats, BenchError> {
     let next = Arc::new(AtomicUsize::new(0));
-    let req = Arc::new(req);
+    let make = Arc::new(make);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
@@ -227,10 +238,15 @@ pub async fn launch_many(
             .timeout(Duration::from_secs(120))
             .build()?;
         let next = next.clone();
-        let req = req.clone();
+        let make = make.clone();
         tasks.push(tokio::spawn(async move {
             let mut s = LaunchStats::default();
-            while next.fetch_add(1, Ordering::Relaxed) < total {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let req = make(i);
                 let t = Instant::now();
                 match client.launch(&req).await {
                     Ok(c) => {
@@ -265,6 +281,47 @@ pub async fn launch_many(
     all.elapsed = started.elapsed();
     all.latencies.sort_unstable();
     Ok(all)
+}
+
+/// Creates `count` networks named `bench-net-N` through the API, network `N` on the node
+/// named `hollow-{N % nodes}`, `concurrency` at a time; returns their names in order.
+pub async fn create_networks(
+    client: &Client,
+    count: usize,
+    nodes: usize,
+    concurrency: usize,
+) -> Result<Vec<String>, BenchError> {
+    use futures::StreamExt;
+    let names: Vec<String> = (0..count).map(|i| format!("bench-net-{i}")).collect();
+    let made = futures::stream::iter(names.iter().enumerate().map(|(i, name)| {
+        let req = kisara_api::CreateNetworkRequest {
+            name: name.clone(),
+            node: Some(format!("hollow-{:04}", i % nodes.max(1))),
+            ..Default::default()
+        };
+        async move { client.create_network(&req).await }
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .collect::<Vec<_>>()
+    .await;
+    for r in made {
+        r?;
+    }
+    Ok(names)
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.
+pub fn cpu_of(pid: u32) -> Option<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the line (utime, stime) are the 12th and 13th after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
 }
 
 /// Resident and peak resident memory of a process, in bytes, from `/proc/PID/status`.

@@ -14,8 +14,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use kisara_api::agent::Secret;
 use kisara_bench::{
-    bench_config, launch_many, launch_request, rss_of, wait_ready, HollowNodes, InProcessServer,
-    NodeSpec,
+    bench_config, cpu_of, create_networks, launch_many, launch_many_with, launch_request, rss_of,
+    wait_ready, HollowNodes, InProcessServer, NodeSpec,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -42,9 +42,10 @@ enum Cmd {
         /// Extra `[server]` keys for the server's TOML (e.g. `warm_networks = 0`).
         #[arg(long, default_value = "")]
         server_config: String,
-        /// Launch into one pre-created network per node instead of a network per container.
-        #[arg(long)]
-        shared_networks: bool,
+        /// Create N networks first (round-robin over the nodes) and launch onto them
+        /// round-robin, instead of a network of its own per container (0 = off).
+        #[arg(long, default_value_t = 0)]
+        shared_networks: usize,
     },
     /// The server half (started by `scale`).
     Serve {
@@ -107,7 +108,7 @@ async fn scale(
     concurrency: usize,
     max_containers: u32,
     server_extra: String,
-    shared_networks: bool,
+    shared_networks: usize,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(exe)
@@ -149,14 +150,38 @@ async fn scale(
     let (rss_idle, _) = rss_of(pid).unwrap_or((0, 0));
 
     let mut req = launch_request();
-    if shared_networks {
-        // One network per node, and launches spread over them round-robin is not what the
-        // scheduler does; instead pin each launch to its network's node. Measured separately.
-        bail!("--shared-networks is not implemented yet");
-    }
     req.labels.insert("bench".into(), "scale".into());
-    let stats = launch_many(&url, &admin, launches, concurrency, req).await?;
+    // Networks made first and launched onto round-robin: a launch then costs placement
+    // (forced onto its network's node) and the container, not a network of its own.
+    let mut shared = Vec::new();
+    if shared_networks > 0 {
+        let t = Instant::now();
+        shared = create_networks(&client, shared_networks, nodes, concurrency).await?;
+        println!(
+            "{shared_networks} shared networks made in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let cpu_before = (cpu_of(pid), cpu_of(std::process::id()));
+    let stats = if shared.is_empty() {
+        launch_many(&url, &admin, launches, concurrency, req).await?
+    } else {
+        launch_many_with(&url, &admin, launches, concurrency, move |i| {
+            let mut r = req.clone();
+            r.network = Some(shared[i % shared.len()].clone());
+            r
+        })
+        .await?
+    };
     let (rss, hwm) = rss_of(pid).unwrap_or((0, 0));
+    // CPU time per successful launch, of the server and of this process (agents + clients):
+    // unlike the wall-clock rate, it does not depend on what else the machine runs.
+    let per_launch = |before: Option<Duration>, after: Option<Duration>| match (before, after) {
+        (Some(b), Some(a)) if stats.ok > 0 => a.saturating_sub(b).as_micros() as f64 / stats.ok as f64,
+        _ => 0.0,
+    };
+    let server_us = per_launch(cpu_before.0, cpu_of(pid));
+    let bench_us = per_launch(cpu_before.1, cpu_of(std::process::id()));
 
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
     for (_, n) in &stats.placed {
@@ -183,6 +208,9 @@ async fn scale(
         stats.percentile(1.0).as_secs_f64() * 1e3
     );
     println!(
+        "CPU per launch: server {server_us:.0} µs, hollow nodes + clients {bench_us:.0} µs"
+    );
+    println!(
         "server RSS: {} MiB after join, {} MiB at the end, peak {} MiB",
         rss_idle >> 20,
         rss >> 20,
@@ -197,11 +225,13 @@ async fn scale(
         "{}",
         serde_json::json!({
             "nodes": nodes, "launches": launches, "concurrency": concurrency,
+            "shared_networks": shared_networks,
             "ok": stats.ok, "failed": stats.failed,
             "seconds": stats.elapsed.as_secs_f64(),
             "placements_per_second": stats.per_second(),
             "p50_ms": stats.percentile(0.5).as_secs_f64() * 1e3,
             "p99_ms": stats.percentile(0.99).as_secs_f64() * 1e3,
+            "server_cpu_us_per_launch": server_us, "bench_cpu_us_per_launch": bench_us,
             "server_rss_mib": rss >> 20, "server_peak_rss_mib": hwm >> 20,
             "per_node_min": min, "per_node_max": max,
         })

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kisara_bench::{
-    bench_config, launch_many, launch_request, wait_ready, HollowNodes, InProcessServer, NodeSpec,
+    bench_config, create_networks, launch_many, launch_many_with, launch_request, wait_ready,
+    HollowNodes, InProcessServer, NodeSpec,
 };
 use kisara_client::{codes, Client};
 
@@ -197,5 +198,125 @@ async fn cordon_drain_labels_and_selectors() {
         c.launch(&named).await.unwrap_err().code(),
         Some(codes::NOT_FOUND)
     );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_pool_launches_get_networks_of_their_own_and_one_event_each() {
+    // The default path of the benchmark: spares claimed in the intent's transaction, the
+    // completion and its event written together.
+    let b = bed(4, 0, "warm_networks = 2").await;
+    let stats = launch_many(&b.server.url, &b.server.admin_token, 200, 8, launch_request())
+        .await
+        .expect("launches run");
+    assert_eq!(stats.failed, 0, "failures: {:?}", stats.errors);
+    assert_eq!(stats.ok, 200);
+    let store = &b.server.server.state().store;
+    let mut networks = std::collections::HashSet::new();
+    for (id, node) in &stats.placed {
+        let c = store.get_container(id).expect("the row");
+        assert_eq!(&c.node_id, node);
+        assert!(!c.docker_id.is_empty(), "completed: {c:?}");
+        let name = c.network.clone().expect("a network");
+        assert!(networks.insert(name.clone()), "{name} given twice");
+        let net = store.get_network(&name).expect("its network");
+        assert_eq!(net.owned_by.as_deref(), Some(id.as_str()));
+        assert_eq!(&net.node_id, node);
+    }
+    let launches: Vec<_> = store
+        .events_after(0, 10_000)
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind == kisara_api::events::kinds::CONTAINER_LAUNCH)
+        .filter_map(|e| e.container_id)
+        .collect();
+    let distinct: std::collections::HashSet<_> = launches.iter().collect();
+    assert_eq!(launches.len(), 200, "one container.launch per launch");
+    assert_eq!(distinct.len(), 200);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn launches_onto_shared_networks_go_to_their_networks_nodes() {
+    let b = bed(4, 0, "warm_networks = 0").await;
+    let names = create_networks(&b.client, 8, 4, 4)
+        .await
+        .expect("networks made");
+    let nodes = b.client.list_nodes().await.expect("nodes");
+    let node_of = |name: &str| {
+        nodes
+            .items
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| n.id.clone())
+            .expect("node")
+    };
+    let shared = names.clone();
+    let stats = launch_many_with(&b.server.url, &b.server.admin_token, 80, 8, move |i| {
+        let mut r = launch_request();
+        r.network = Some(shared[i % shared.len()].clone());
+        r
+    })
+    .await
+    .expect("launches run");
+    assert_eq!(stats.failed, 0, "failures: {:?}", stats.errors);
+    let mut per_network: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, node) in &stats.placed {
+        let c = b.client.container(id).await.expect("container");
+        let net = c.network.expect("on a network");
+        let i: usize = net
+            .strip_prefix("bench-net-")
+            .and_then(|n| n.parse().ok())
+            .expect("a bench network");
+        assert_eq!(node, &node_of(&format!("hollow-{:04}", i % 4)), "{net}");
+        *per_network.entry(net).or_default() += 1;
+    }
+    assert_eq!(per_network.len(), 8);
+    assert!(per_network.values().all(|&n| n == 10), "{per_network:?}");
+    // No network was made per container.
+    let all = b.client.list_networks(None).await.expect("networks");
+    assert_eq!(all.items.len(), 8);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subnet_taken_behind_the_servers_back_is_learned_on_overlap() {
+    // The server asks a node's used subnets once per session; a network made on the engine
+    // after that is learned when the engine refuses the subnet, and the create still works.
+    use kisara_runtime::Runtime;
+    let b = bed(1, 0, "warm_networks = 0").await;
+    let create = |name: &str| kisara_api::CreateNetworkRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    let first = b.client.create_network(&create("n1")).await.expect("n1");
+    assert_eq!(first.subnet, "10.0.0.0/28");
+    let outside = kisara_api::agent::NetworkConfig {
+        name: "made-outside".into(),
+        subnet: "10.0.0.16/28".into(),
+        gateway: None,
+        internal: false,
+        internet: false,
+        labels: Default::default(),
+        bridge_name: None,
+    };
+    b.nodes.runtimes[0]
+        .create_network(&outside)
+        .await
+        .expect("made on the engine");
+    let second = b.client.create_network(&create("n2")).await.expect("n2");
+    assert_eq!(second.subnet, "10.0.0.32/28");
+    // The refused subnet is not held by anything in the store.
+    let held: Vec<String> = b
+        .server
+        .server
+        .state()
+        .store
+        .subnet_allocations()
+        .expect("allocations")
+        .into_iter()
+        .map(|a| a.subnet.to_string())
+        .collect();
+    assert_eq!(held, vec!["10.0.0.0/28", "10.0.0.32/28"]);
     b.stop().await;
 }

@@ -374,15 +374,25 @@ pub fn place_by<'a>(
         .image
         .as_ref()
         .map(|i| (i.as_str(), with_default_tag(i)));
+    // Nodes that reported the same images share one set (the server's ledger interns them):
+    // the answer for the last set seen is reused, so a thousand alike nodes cost one lookup.
+    let mut memo: Option<(*const HashSet<String>, ImagePresence)> = None;
     for i in 0..len {
         let n = node(i);
         if let Err(r) = fits(n, req) {
             reasons.push((n.name.clone(), r));
             continue;
         }
-        let presence = match &image {
-            Some((img, tagged)) => n.presence_of(img, tagged),
-            None => ImagePresence::Unknown,
+        let presence = match (&image, &n.images) {
+            (Some((img, tagged)), Some(set)) => match memo {
+                Some((p, presence)) if std::ptr::eq(p, Arc::as_ptr(set)) => presence,
+                _ => {
+                    let presence = n.presence_of(img, tagged);
+                    memo = Some((Arc::as_ptr(set), presence));
+                    presence
+                }
+            },
+            (Some(_), None) | (None, _) => ImagePresence::Unknown,
         };
         let load = load_after(n, req);
         let count = n.containers as u64;
@@ -428,6 +438,31 @@ mod tests {
             cpu_milli: cpu,
         };
         n
+    }
+
+    #[test]
+    fn shared_image_sets_are_answered_per_set() {
+        // Nodes sharing one set, and nodes with sets of their own, in every order: the node
+        // holding the image wins wherever it stands.
+        let shared = Arc::new(HashSet::from(["db:latest".to_string()]));
+        let with = Arc::new(HashSet::from(["web:latest".to_string()]));
+        for pos in 0..4 {
+            let nodes: Vec<NodeSnapshot> = (0..4)
+                .map(|i| {
+                    let mut n = node(&format!("n{i}"));
+                    n.images = Some(if i == pos { with.clone() } else { shared.clone() });
+                    n
+                })
+                .collect();
+            let mut r = req(1, 1);
+            r.image = Some("web".into());
+            let got = place_by(nodes.len(), |i| &nodes[i], &r, Strategy::Spread).unwrap();
+            assert_eq!(got, pos);
+            // And the other way round: only the shared set holds it; the first such wins.
+            r.image = Some("db".into());
+            let got = place_by(nodes.len(), |i| &nodes[i], &r, Strategy::Spread).unwrap();
+            assert_eq!(got, usize::from(pos == 0));
+        }
     }
 
     fn req(mem: u64, cpu: u64) -> PlacementRequest {

@@ -176,24 +176,41 @@ impl EventBus {
             let _ = self.tx.send(event.clone());
             return Some(event);
         }
+        match self.append(&event, fact, |s, e, f| s.append_event(e, f)) {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(kind = %event.kind, error = %e, "cannot store an event; it is lost");
+                None
+            }
+        }
+    }
+
+    /// Stores an event with `write` (an append, possibly with more in its transaction), then
+    /// broadcasts it and wakes the webhooks it was queued for.
+    fn append(
+        &self,
+        event: &Event,
+        fact: Option<&str>,
+        write: impl FnOnce(
+            &Store,
+            &Event,
+            Option<&str>,
+        ) -> Result<Option<(Event, Vec<String>)>, kisara_store::StoreError>,
+    ) -> Result<Option<Arc<Event>>, kisara_store::StoreError> {
         let (stored, queued) = {
             let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-            match self.store.append_event(&event, fact) {
-                Ok(Some((stored, queued))) => {
+            match write(&self.store, event, fact)? {
+                Some((stored, queued)) => {
                     let stored = Arc::new(stored);
                     let _ = self.tx.send(stored.clone());
                     (stored, queued)
                 }
-                Ok(None) => return None,
-                Err(e) => {
-                    tracing::error!(kind = %event.kind, error = %e, "cannot store an event; it is lost");
-                    return None;
-                }
+                None => return Ok(None),
             }
         };
         tracing::debug!(id = stored.id, kind = %stored.kind, "event");
         self.webhooks.notify(&queued);
-        Some(stored)
+        Ok(Some(stored))
     }
 
     // ---- the facts ----
@@ -245,7 +262,28 @@ impl EventBus {
 
     /// A container was launched and recorded. Fires a `die` that arrived before it, if any.
     pub fn container_launched(&self, c: &Container) {
-        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        self.emit(
+            Self::launch_event(c),
+            Some(&format!("{}:{}", kinds::CONTAINER_LAUNCH, c.id)),
+        );
+        self.after_launch(parked, c);
+    }
+
+    /// Records a launched container as the node reported it (see
+    /// [`kisara_store::Store::complete_container`]) together with its `container.launch`
+    /// event, in one transaction. On an error neither is stored.
+    pub fn complete_launch(&self, c: &Container) -> Result<(), kisara_store::StoreError> {
+        let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let fact = format!("{}:{}", kinds::CONTAINER_LAUNCH, c.id);
+        self.append(&Self::launch_event(c), Some(&fact), |s, e, f| {
+            s.complete_container_with_event(c, e, f)
+        })?;
+        self.after_launch(parked, c);
+        Ok(())
+    }
+
+    fn launch_event(c: &Container) -> Event {
         let data = serde_json::json!({
             "name": c.name,
             "image": c.image,
@@ -254,10 +292,15 @@ impl EventBus {
             "ports": c.ports,
             "host_port": c.host_port,
         });
-        self.emit(
-            container_event(kinds::CONTAINER_LAUNCH, c, data),
-            Some(&format!("{}:{}", kinds::CONTAINER_LAUNCH, c.id)),
-        );
+        container_event(kinds::CONTAINER_LAUNCH, c, data)
+    }
+
+    /// A `die` that arrived before the launch was recorded is reported now.
+    fn after_launch(
+        &self,
+        mut parked: std::sync::MutexGuard<'_, HashMap<String, ParkedDie>>,
+        c: &Container,
+    ) {
         let early = parked.remove(&c.docker_id);
         parked.retain(|_, p| p.at.elapsed() < PARKED_DIE_TTL);
         drop(parked);

@@ -36,6 +36,10 @@ pub struct NodeSession {
     status: Mutex<NodeStatus>,
     tx: mpsc::Sender<ServerMessage>,
     pending: Mutex<HashMap<u64, Pending>>,
+    /// The subnets the engine reported in use (`UsedSubnets`), asked once per session and
+    /// again only when a network create meets an overlap or an exhausted pool (see
+    /// `api::networks::create_on_node`). Kisara's own allocations are in the store.
+    used_subnets: Mutex<Option<Arc<Vec<ipnet::Ipv4Net>>>>,
 }
 
 impl std::fmt::Debug for NodeSession {
@@ -56,6 +60,19 @@ impl NodeSession {
             status: Mutex::new(NodeStatus::default()),
             tx,
             pending: Mutex::new(HashMap::new()),
+            used_subnets: Mutex::new(None),
+        }
+    }
+
+    /// The engine's used subnets as last asked in this session, if they were.
+    pub fn used_subnets(&self) -> Option<Arc<Vec<ipnet::Ipv4Net>>> {
+        self.used_subnets.lock().ok()?.clone()
+    }
+
+    /// Remembers what the engine reported (`None` forgets it, so the next create asks).
+    pub fn set_used_subnets(&self, used: Option<Arc<Vec<ipnet::Ipv4Net>>>) {
+        if let Ok(mut u) = self.used_subnets.lock() {
+            *u = used;
         }
     }
 

@@ -115,6 +115,28 @@ pub fn admit_container(
     Ok(())
 }
 
+/// [`admit_container`] that also attaches `idempotency_key` (409 when another container has
+/// it) and, when `spare` is set, claims a spare network of the container's node for it, all in
+/// the one transaction. Returns the spare claimed (none may be ready).
+pub fn admit_container_with(
+    st: &AppState,
+    c: &Container,
+    reserved: (u64, u64),
+    record: &InstanceRecord,
+    idempotency_key: Option<&str>,
+    spare: bool,
+) -> ApiResult<Option<kisara_api::Network>> {
+    let limits = if record.awd_game.is_some() {
+        AdmissionLimits::default()
+    } else {
+        limits(st)
+    };
+    let spare = spare.then_some(kisara_api::labels::SPARE);
+    Ok(st
+        .store
+        .admit_container_with(c, reserved, record, &limits, idempotency_key, spare)?)
+}
+
 /// Fills a container's lifecycle fields from its record; flags only for admins.
 pub fn decorate(c: &mut Container, rec: Option<&InstanceRecord>, caller: Caller) {
     match rec {

@@ -57,6 +57,8 @@ struct Inner {
     by_id: HashMap<String, usize>,
     /// Container id → what it holds.
     held: HashMap<String, Held>,
+    /// The image set last reported (see [`Ledger::set_images`]).
+    last_images: Option<Arc<HashSet<String>>>,
 }
 
 /// The allocation ledger. Cheap to share: one mutex, held for O(nodes) work at most.
@@ -243,12 +245,18 @@ impl Ledger {
         }
     }
 
-    /// The images a node reported (ids and tags).
+    /// The images a node reported (ids and tags). A set equal to the last one reported by
+    /// any node is shared with it, so the scheduler looks an image up once for all of them.
     pub fn set_images(&self, node_id: &str, images: Vec<String>) {
         let set: HashSet<String> = images.into_iter().collect();
         let mut inner = self.lock();
+        let set = match &inner.last_images {
+            Some(last) if **last == set => last.clone(),
+            _ => Arc::new(set),
+        };
         if let Some(&i) = inner.by_id.get(node_id) {
-            inner.nodes[i].snap.images = Some(Arc::new(set));
+            inner.nodes[i].snap.images = Some(set.clone());
+            inner.last_images = Some(set);
         }
     }
 

@@ -7,7 +7,7 @@
 //! agent replays engine events after a reconnect.
 
 use kisara_api::{DeliveryAttempt, DeliveryState, Event, EventFilter, WebhookDelivery};
-use rusqlite::{params, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::{from_json, json, Result, Store, StoreError};
 
@@ -149,11 +149,47 @@ impl Store {
         event: &Event,
         fact: Option<&str>,
     ) -> Result<Option<(Event, Vec<String>)>> {
+        self.append_event_after(event, fact, |_| Ok(()))
+    }
+
+    /// Completes a launched container's row (see [`Store::complete_container`]) and appends
+    /// its launch event in one transaction: an acknowledged launch always has its event, and
+    /// a failed completion stores neither. The event part answers as [`Store::append_event`].
+    pub fn complete_container_with_event(
+        &self,
+        c: &kisara_api::Container,
+        event: &Event,
+        fact: Option<&str>,
+    ) -> Result<Option<(Event, Vec<String>)>> {
+        self.append_event_after(event, fact, |conn| Store::complete_container_on(conn, c))
+    }
+
+    /// [`Store::append_event`] after `first` ran in the same transaction (an error from it
+    /// writes nothing).
+    fn append_event_after(
+        &self,
+        event: &Event,
+        fact: Option<&str>,
+        first: impl FnOnce(&Connection) -> Result<()>,
+    ) -> Result<Option<(Event, Vec<String>)>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let inserted = tx.execute(
+        first(&tx)?;
+        if let Some(fact) = fact {
+            let known = tx
+                .prepare_cached("SELECT 1 FROM events WHERE fact = ?1")?
+                .exists([fact])?;
+            if known {
+                // The fact is stored already; what `first` wrote still counts. (Not left to
+                // the insert's conflict clause: a skipped insert still uses up an id.)
+                tx.commit()?;
+                return Ok(None);
+            }
+        }
+        let inserted = tx.prepare_cached(
             "INSERT INTO events(kind, time, node_id, container_id, owner, module, data, fact)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(fact) DO NOTHING",
+        )?.execute(
             params![
                 event.kind,
                 event.time,
@@ -171,7 +207,7 @@ impl Store {
         let mut stored = event.clone();
         stored.id = tx.last_insert_rowid() as u64;
         let hooks: Vec<(String, Vec<String>)> = {
-            let mut stmt = tx.prepare("SELECT id, kinds FROM webhooks ORDER BY id")?;
+            let mut stmt = tx.prepare_cached("SELECT id, kinds FROM webhooks ORDER BY id")?;
             let rows = stmt.query_map([], |r| {
                 Ok((r.get::<_, String>(0)?, from_json(&r.get::<_, String>(1)?)))
             })?;
@@ -424,6 +460,41 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_completion_and_its_launch_event_are_stored_together() {
+        let s = Store::open_in_memory().unwrap();
+        let mut c: kisara_api::Container = serde_json::from_value(serde_json::json!({
+            "id": "c1", "docker_id": "", "name": "c-1", "node_id": "n1", "image": "busybox",
+            "owner": null, "module": null, "labels": {}, "network": null, "ip_address": null,
+            "state": "launching", "status": "", "ports": [], "host_port": "", "created_at": 0
+        }))
+        .expect("a minimal container parses");
+        // No row to complete: neither the completion nor the event is stored.
+        let e = s
+            .complete_container_with_event(&c, &ev("container.launch", 1), Some("launch:c1"))
+            .unwrap_err();
+        assert!(matches!(e, StoreError::NotFound(_)), "{e}");
+        assert!(!s.has_fact("launch:c1").unwrap());
+        s.insert_container(&c).unwrap();
+        c.docker_id = "abcdef123456".into();
+        c.state = kisara_api::ContainerState::Running;
+        let (stored, _) = s
+            .complete_container_with_event(&c, &ev("container.launch", 1), Some("launch:c1"))
+            .unwrap()
+            .expect("the event is new");
+        assert!(stored.id > 0);
+        assert!(s.has_fact("launch:c1").unwrap());
+        assert_eq!(s.get_container("c1").unwrap().docker_id, "abcdef123456");
+        // The fact again: no second event, but the completion still counts.
+        c.status = "Up 1 second".into();
+        assert!(s
+            .complete_container_with_event(&c, &ev("container.launch", 2), Some("launch:c1"))
+            .unwrap()
+            .is_none());
+        assert_eq!(s.get_container("c1").unwrap().status, "Up 1 second");
+        assert_eq!(s.events_after(0, 10).unwrap().len(), 1);
+    }
 
     fn ev(kind: &str, time: i64) -> Event {
         Event {

@@ -220,6 +220,33 @@ impl Store {
         })
     }
 
+    /// [`Store::admit_container`] that, in the same transaction, also attaches the launch's
+    /// idempotency key (`Conflict` when another container has it) and claims one spare
+    /// network of the container's node for it (`spare`: the label spares carry). Returns the
+    /// claimed spare; on any error nothing is written.
+    pub fn admit_container_with(
+        &self,
+        c: &kisara_api::Container,
+        reserved: (u64, u64),
+        rec: &InstanceRecord,
+        limits: &AdmissionLimits,
+        idempotency_key: Option<&str>,
+        spare: Option<&str>,
+    ) -> Result<Option<kisara_api::Network>> {
+        let mut claimed = None;
+        self.admit_instance(rec, limits, |tx| {
+            Store::insert_container_on(tx, c, reserved.0, reserved.1)?;
+            if let Some(key) = idempotency_key {
+                Store::set_idempotency_key_on(tx, &c.id, key)?;
+            }
+            if let Some(label) = spare {
+                claimed = Store::claim_spare_on(tx, &c.node_id, label, &c.id)?;
+            }
+            Ok(())
+        })?;
+        Ok(claimed)
+    }
+
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRecord>> {
         let sql = format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = ?1");
         Ok(self.conn().query_row(&sql, [id], instance_row).optional()?)
@@ -425,6 +452,63 @@ mod tests {
     fn admit(s: &Store, id: &str, owner: &str, module: &str, l: &AdmissionLimits) -> Result<()> {
         let c = container(id, owner, module);
         s.admit_container(&c, 0, 0, &rec(&c), l)
+    }
+
+    /// A ready spare of node `n1` (engine id set, no owner, the spare label).
+    fn spare(s: &Store, id: &str) {
+        let net: kisara_api::Network = serde_json::from_value(serde_json::json!({
+            "id": id, "name": format!("spare-{id}"), "docker_id": format!("d-{id}"),
+            "node_id": "n1", "subnet": "10.9.0.0/28", "gateway": null, "internal": false,
+            "internet": false, "owned_by": null, "from_pool": true,
+            "labels": {"io.kisara.spare": "true"}, "created_at": 0
+        }))
+        .expect("a minimal network parses");
+        s.insert_network(&net).unwrap();
+    }
+
+    #[test]
+    fn admission_claims_a_spare_and_keys_the_launch_in_one_transaction() {
+        let s = Store::open_in_memory().unwrap();
+        let l = AdmissionLimits::default();
+        spare(&s, "s1");
+        spare(&s, "s2");
+        let a = container("a", "t1", "web");
+        let got = s
+            .admit_container_with(&a, (64, 100), &rec(&a), &l, Some("k1"), Some("io.kisara.spare"))
+            .unwrap()
+            .expect("a spare is claimed");
+        assert_eq!(got.id, "s1");
+        assert_eq!(s.get_network("s1").unwrap().owned_by.as_deref(), Some("a"));
+        assert_eq!(s.container_by_idempotency_key("k1").unwrap().unwrap().id, "a");
+        // The same key again: refused, and nothing of it is left (no row, no instance, the
+        // second spare still free).
+        let b = container("b", "t2", "web");
+        let e = s
+            .admit_container_with(&b, (64, 100), &rec(&b), &l, Some("k1"), Some("io.kisara.spare"))
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        assert!(s.get_container("b").is_err());
+        assert!(s.instance("b").unwrap().is_none());
+        assert_eq!(s.get_network("s2").unwrap().owned_by, None);
+        // Refused by a limit: the spare is not taken either.
+        let quota = AdmissionLimits {
+            global_cap: Some(1),
+            ..Default::default()
+        };
+        let e = s
+            .admit_container_with(&b, (64, 100), &rec(&b), &quota, None, Some("io.kisara.spare"))
+            .unwrap_err();
+        assert!(matches!(e, StoreError::QuotaExceeded(_)), "{e}");
+        assert_eq!(s.get_network("s2").unwrap().owned_by, None);
+        // No spare left after the last one: admitted without one.
+        s.admit_container_with(&b, (64, 100), &rec(&b), &l, None, Some("io.kisara.spare"))
+            .unwrap();
+        let c = container("c", "t3", "web");
+        let none = s
+            .admit_container_with(&c, (64, 100), &rec(&c), &l, None, Some("io.kisara.spare"))
+            .unwrap();
+        assert!(none.is_none());
+        assert_eq!(s.container_reservations(None).unwrap().len(), 3);
     }
 
     #[test]

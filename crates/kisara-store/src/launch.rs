@@ -5,7 +5,7 @@
 //! keys live here too: a retried launch finds the first one's row.
 
 use kisara_api::{Container, ContainerState};
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{Result, Store, StoreError};
 
@@ -18,7 +18,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS containers_idempotency
 impl Store {
     /// Attaches an idempotency key to a container row; `Conflict` when another row has it.
     pub fn set_idempotency_key(&self, id: &str, key: &str) -> Result<()> {
-        let r = self.conn().execute(
+        Self::set_idempotency_key_on(&self.conn(), id, key)
+    }
+
+    /// [`Store::set_idempotency_key`] on a connection or inside a transaction.
+    pub(crate) fn set_idempotency_key_on(conn: &Connection, id: &str, key: &str) -> Result<()> {
+        let r = conn.execute(
             "UPDATE containers SET idempotency_key = ?2 WHERE id = ?1",
             params![id, key],
         );
@@ -49,15 +54,22 @@ impl Store {
 
     /// Fills in what the node reported once the container exists.
     pub fn complete_container(&self, c: &Container) -> Result<()> {
+        Self::complete_container_on(&self.conn(), c)
+    }
+
+    /// [`Store::complete_container`] on a connection or inside a transaction.
+    pub(crate) fn complete_container_on(conn: &Connection, c: &Container) -> Result<()> {
         let ports = serde_json::to_string(&c.ports).unwrap_or_else(|_| "[]".into());
         let state = serde_json::to_value(c.state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_else(|| "unknown".into());
-        let n = self.conn().execute(
-            "UPDATE containers SET docker_id = ?2, name = ?3, ip_address = ?4, state = ?5,
+        let n = conn
+            .prepare_cached(
+                "UPDATE containers SET docker_id = ?2, name = ?3, ip_address = ?4, state = ?5,
                  status = ?6, ports = ?7, network = ?8 WHERE id = ?1",
-            params![
+            )?
+            .execute(params![
                 c.id,
                 c.docker_id,
                 c.name,
@@ -66,8 +78,7 @@ impl Store {
                 c.status,
                 ports,
                 c.network
-            ],
-        )?;
+            ])?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("no such container: {}", c.id)));
         }

@@ -96,6 +96,12 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How often the checkpoint thread copies the WAL into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// WAL pages after which a commit checkpoints inline (SQLite's default is 1,000): reached only
+/// when the checkpoint thread falls far behind.
+const AUTOCHECKPOINT_BACKSTOP: i64 = 16_384;
+
 /// Schema migrations, tracked in SQLite's `user_version`: entry `i` takes a database from
 /// version `i` to `i + 1`. Append only; never edit a step that has shipped, since files written
 /// by it exist.
@@ -330,7 +336,46 @@ impl Store {
         // 64 MiB of page cache (the default is 2 MiB): with 100,000 containers the tables and
         // indexes no longer fit the default, and every lookup became reads from the OS.
         conn.pragma_update(None, "cache_size", -65536)?;
-        Self::init(conn)
+        // Checkpoints (copying the WAL into the database, with an fsync of each) run on a
+        // thread of their own instead of inside whichever commit crossed the threshold, where
+        // they held the store's lock for every caller; the automatic one stays as a backstop.
+        conn.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_BACKSTOP)?;
+        let store = Self::init(conn)?;
+        store.spawn_checkpointer(path);
+        Ok(store)
+    }
+
+    /// Checkpoints the WAL from a second connection every [`CHECKPOINT_EVERY`] while this
+    /// store (any clone of it) lives. A checkpoint in `PASSIVE` mode never blocks writers; a
+    /// failed one is retried at the next tick (the backstop bounds the WAL meanwhile).
+    fn spawn_checkpointer(&self, path: &Path) {
+        let alive = Arc::downgrade(&self.conn);
+        let path = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("kisara-store-checkpoint".into())
+            .spawn(move || {
+                let conn = match Connection::open(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no checkpoint connection; SQLite checkpoints inline");
+                        return;
+                    }
+                };
+                loop {
+                    std::thread::sleep(CHECKPOINT_EVERY);
+                    if alive.strong_count() == 0 {
+                        break;
+                    }
+                    if let Err(e) =
+                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!(error = %e, "checkpoint failed; retried");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no checkpoint thread; SQLite checkpoints inline");
+        }
     }
 
     pub fn open_in_memory() -> Result<Store> {
@@ -786,7 +831,12 @@ impl Store {
     // ---- networks ----
 
     pub fn insert_network(&self, n: &Network) -> Result<()> {
-        let r = self.conn().execute(
+        Self::insert_network_on(&self.conn(), n)
+    }
+
+    /// [`Store::insert_network`] on a connection or inside a transaction.
+    fn insert_network_on(conn: &Connection, n: &Network) -> Result<()> {
+        let r = conn.execute(
             "INSERT INTO networks(id, name, docker_id, node_id, subnet, gateway, internal,
                  internet, owned_by, from_pool, labels, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -895,13 +945,27 @@ impl Store {
     ) -> Result<Option<Network>> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let net = Self::claim_spare_on(&tx, node_id, spare_label, owner)?;
+        if net.is_some() {
+            tx.commit()?;
+        }
+        Ok(net)
+    }
+
+    /// [`Store::claim_spare_network`] inside the caller's transaction.
+    pub(crate) fn claim_spare_on(
+        conn: &Connection,
+        node_id: &str,
+        spare_label: &str,
+        owner: &str,
+    ) -> Result<Option<Network>> {
         let candidate = {
             let sql = format!(
                 "SELECT {} FROM networks WHERE node_id = ?1 AND owned_by IS NULL
                    AND docker_id != '' ORDER BY created_at, id",
                 Self::NETWORK_COLS
             );
-            let mut stmt = tx.prepare(&sql)?;
+            let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt.query_map([node_id], Self::network_row)?;
             let mut found = None;
             for n in rows {
@@ -916,11 +980,10 @@ impl Store {
         let Some(mut net) = candidate else {
             return Ok(None);
         };
-        tx.execute(
+        conn.execute(
             "UPDATE networks SET owned_by = ?2 WHERE id = ?1",
             params![net.id, owner],
         )?;
-        tx.commit()?;
         net.owned_by = Some(owner.to_string());
         Ok(Some(net))
     }
@@ -984,6 +1047,36 @@ impl Store {
         extra_taken: &[Ipv4Net],
         holder: &str,
     ) -> Result<Ipv4Net> {
+        self.allocate_subnet_then(pool, extra_taken, holder, |_, _| Ok(()))
+    }
+
+    /// Allocates a subnet from `pool` for `net` (its id holds the subnet), fills in its
+    /// subnet and gateway, and writes its row in the same transaction: both are stored or
+    /// neither (a name conflict hands no subnet out).
+    pub fn allocate_network(
+        &self,
+        pool: &SubnetPool,
+        extra_taken: &[Ipv4Net],
+        mut net: Network,
+    ) -> Result<Network> {
+        let holder = net.id.clone();
+        self.allocate_subnet_then(pool, extra_taken, &holder, |conn, subnet| {
+            net.subnet = subnet.to_string();
+            net.gateway = subnet.hosts().next().map(|g| g.to_string());
+            Self::insert_network_on(conn, &net)
+        })?;
+        Ok(net)
+    }
+
+    /// [`Store::allocate_subnet`], running `then` in the same transaction before it commits;
+    /// an error from `then` rolls the allocation back.
+    fn allocate_subnet_then(
+        &self,
+        pool: &SubnetPool,
+        extra_taken: &[Ipv4Net],
+        holder: &str,
+        then: impl FnOnce(&Connection, Ipv4Net) -> Result<()>,
+    ) -> Result<Ipv4Net> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // The table in memory, reloaded only when something changed it behind the cache.
@@ -1032,6 +1125,7 @@ impl Store {
             params![net.to_string(), holder, unix_now()],
         )?;
         let after = subnet_generation(&tx)?;
+        then(&tx, net)?;
         tx.commit()?;
         c.taken.insert(&net);
         c.generation = after;
@@ -1170,6 +1264,38 @@ mod tests {
         ));
         st.release_subnet(&a).unwrap();
         assert_eq!(st.allocate_subnet(&p, &[], "d").unwrap(), a);
+    }
+
+    #[test]
+    fn a_network_and_its_subnet_are_stored_together() {
+        let st = Store::open_in_memory().unwrap();
+        let p = pool("10.9.[0-3].0/24");
+        let row = |id: &str, name: &str| Network {
+            subnet: String::new(),
+            gateway: None,
+            ..network(id, name, "n1", None)
+        };
+        let a = st.allocate_network(&p, &[], row("a", "net-a")).unwrap();
+        assert_eq!(a.subnet, "10.9.0.0/24");
+        assert_eq!(a.gateway.as_deref(), Some("10.9.0.1"));
+        assert_eq!(st.get_network("net-a").unwrap(), a);
+        // A name already taken: no row and no subnet handed out.
+        let e = st.allocate_network(&p, &[], row("b", "net-a")).unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        assert!(st.get_network("b").is_err());
+        assert_eq!(st.allocated_subnets().unwrap(), vec![n("10.9.0.0/24")]);
+        // The engine's subnets are skipped, and the next one goes to the next network.
+        let c = st
+            .allocate_network(&p, &[n("10.9.1.0/24")], row("c", "net-c"))
+            .unwrap();
+        assert_eq!(c.subnet, "10.9.2.0/24");
+        let held: Vec<String> = st
+            .subnet_allocations()
+            .unwrap()
+            .into_iter()
+            .map(|a| a.holder)
+            .collect();
+        assert_eq!(held, vec!["a", "c"]);
     }
 
     #[test]

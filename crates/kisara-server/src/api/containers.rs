@@ -158,30 +158,40 @@ pub async fn launch_container(
         traffic: None,
     };
     let reserved = reservation.resources();
-    // The intent row and the instance's record go in together, under the admission limits.
-    instances::admit_container(
+    // A network of its own comes from the warm pool when a spare is ready (outbound traffic
+    // off, like every spare): claimed in the intent's transaction.
+    let wants_spare =
+        existing_network.is_none() && !req.internet && st.settings.warm_networks > 0;
+    // The intent row, the instance's record, the idempotency key and the claimed spare go in
+    // together, under the admission limits: one transaction, and nothing when it fails.
+    let admitted = instances::admit_container_with(
         &st,
         &container,
-        reserved.memory_mb,
-        reserved.cpu_milli,
+        (reserved.memory_mb, reserved.cpu_milli),
         &prepared.record,
-    )?;
-    if let Some(key) = &req.idempotency_key {
-        if let Err(e) = st.store.set_idempotency_key(&id, key) {
+        req.idempotency_key.as_deref(),
+        wants_spare,
+    );
+    if wants_spare {
+        crate::warm::refill(&st, &node_id);
+    }
+    let spare = match (admitted, &req.idempotency_key) {
+        (Ok(spare), _) => spare,
+        (Err(e), Some(key)) if e.code == codes::CONFLICT => {
             // A concurrent request with the same key won the race: answer with its result.
-            let _ = st.store.delete_container(&id);
             if let Some(done) = replay(&st, key, caller)? {
                 return Ok(done);
             }
-            return Err(e.into());
+            return Err(e);
         }
-    }
+        (Err(e), _) => return Err(e),
+    };
     match launch_on_node(
         &st,
         &req,
         &mut ctx,
         &mut container,
-        existing_network,
+        (existing_network, spare),
         &session,
         &prepared,
     )
@@ -190,7 +200,6 @@ pub async fn launch_container(
         Ok(()) => {
             reservation.commit();
             st.metrics.placements.inc();
-            st.events.container_launched(&container);
             tracing::info!(container = %id, node = %node_id, image = %req.image, "container launched");
             instances::decorate(&mut container, Some(&prepared.record), caller);
             Ok((StatusCode::CREATED, Json(container)))
@@ -228,21 +237,16 @@ async fn launch_on_node(
     req: &LaunchRequest,
     ctx: &mut LaunchContext,
     container: &mut Container,
-    existing_network: Option<kisara_api::Network>,
+    (existing_network, spare): (Option<kisara_api::Network>, Option<kisara_api::Network>),
     session: &crate::hub::NodeSession,
     prepared: &instances::Prepared,
 ) -> ApiResult<()> {
     let rendered = &prepared.rendered;
     let id = container.id.clone();
     let node_id = container.node_id.clone();
-    // A network of its own: a spare from the warm pool when there is one (outbound traffic
-    // off, like every spare), else made now.
-    let owned_network = match (&existing_network, req.internet) {
-        (Some(_), _) => None,
-        (None, false) => crate::warm::claim(st, &node_id, &id),
-        (None, true) => None,
-    };
-    let owned_network = match (owned_network, &existing_network) {
+    // A network of its own: the spare claimed with the intent when there was one, else made
+    // now.
+    let owned_network = match (spare, &existing_network) {
         (Some(net), _) => Some(net),
         (None, Some(_)) => None,
         (None, None) => {
@@ -327,7 +331,8 @@ async fn launch_on_node(
     container.status = inv.status.clone();
     container.ports = public_ports;
     container.host_port = host_port_string(&container.ports);
-    if let Err(e) = st.store.complete_container(container) {
+    // The completed row and its `container.launch` event are stored together.
+    if let Err(e) = st.events.complete_launch(container) {
         // Keep Docker and the store in step: undo the launch.
         let _ = st
             .hub

@@ -130,18 +130,35 @@ pub async fn create_on_node(
     );
     labels.insert(kisara_api::labels::NETWORK.to_string(), id.clone());
     labels.insert(kisara_api::labels::NODE.to_string(), node_id.to_string());
-    let mut engine_used: Vec<Ipv4Net> = match st
-        .hub
-        .call(node_id, Operation::UsedSubnets, CALL_TIMEOUT)
-        .await?
-    {
-        Reply::Subnets(s) => s.iter().filter_map(|s| s.parse().ok()).collect(),
-        _ => Vec::new(),
+    // What the engine uses besides Kisara's own networks: asked once per session, and again
+    // when the engine refuses a subnet as overlapping or the pool looks exhausted (something
+    // made outside Kisara since, or a network of ours removed since we asked).
+    let session = st.hub.get(node_id);
+    let mut engine_used = match (explicit, session.as_ref().and_then(|s| s.used_subnets())) {
+        (None, Some(cached)) => cached.as_ref().clone(),
+        _ => used_subnets(st, node_id).await?,
     };
+    let mut fresh = explicit.is_some() || session.as_ref().is_none_or(|s| s.used_subnets().is_none());
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let subnet = match explicit {
+        // The row goes in before the engine makes the network (intent), so a crash between
+        // the two is settled by reconciliation, not leaked.
+        let row = Network {
+            id: id.clone(),
+            name: name.to_string(),
+            docker_id: String::new(),
+            node_id: node_id.to_string(),
+            subnet: String::new(),
+            gateway: None,
+            internal,
+            internet,
+            owned_by: owned_by.clone(),
+            from_pool: explicit.is_none(),
+            labels: labels.clone(),
+            created_at: now(),
+        };
+        let mut net = match explicit {
             Some(net) => {
                 if engine_used
                     .iter()
@@ -152,32 +169,35 @@ pub async fn create_on_node(
                     )));
                 }
                 st.store.reserve_subnet(&net, &id)?;
-                net
+                let row = Network {
+                    subnet: net.to_string(),
+                    gateway: net.hosts().next().map(|g| g.to_string()),
+                    ..row
+                };
+                if let Err(e) = st.store.insert_network(&row) {
+                    let _ = st.store.release_subnet(&net);
+                    return Err(e.into());
+                }
+                row
             }
-            None => st
+            // Subnet and row in one transaction.
+            None => match st
                 .store
-                .allocate_subnet(&st.settings.subnet_pool, &engine_used, &id)?,
+                .allocate_network(&st.settings.subnet_pool, &engine_used, row)
+            {
+                Ok(row) => row,
+                Err(kisara_store::StoreError::Exhausted(_)) if !fresh => {
+                    engine_used = used_subnets(st, node_id).await?;
+                    fresh = true;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
-        // The row goes in before the engine makes the network (intent), so a crash between
-        // the two is settled by reconciliation, not leaked.
-        let mut net = Network {
-            id: id.clone(),
-            name: name.to_string(),
-            docker_id: String::new(),
-            node_id: node_id.to_string(),
-            subnet: subnet.to_string(),
-            gateway: subnet.hosts().next().map(|g| g.to_string()),
-            internal,
-            internet,
-            owned_by: owned_by.clone(),
-            from_pool: explicit.is_none(),
-            labels: labels.clone(),
-            created_at: now(),
-        };
-        if let Err(e) = st.store.insert_network(&net) {
-            let _ = st.store.release_subnet(&subnet);
-            return Err(e.into());
-        }
+        let subnet: Ipv4Net = net
+            .subnet
+            .parse()
+            .map_err(|_| ApiError::internal(format!("bad subnet {:?}", net.subnet)))?;
         let forget = || {
             let _ = st.store.delete_network(&id);
             let _ = st.store.release_subnet(&subnet);
@@ -214,6 +234,9 @@ pub async fn create_on_node(
             Err(e) => {
                 forget();
                 if e.code == "subnet_overlap" && explicit.is_none() && attempt < OVERLAP_RETRIES {
+                    // The engine has something we did not know of: ask again.
+                    engine_used = used_subnets(st, node_id).await.unwrap_or_default();
+                    fresh = true;
                     engine_used.push(subnet);
                     continue;
                 }
@@ -221,6 +244,22 @@ pub async fn create_on_node(
             }
         }
     }
+}
+
+/// Asks the node which subnets its engine uses, and remembers the answer in its session.
+async fn used_subnets(st: &Arc<AppState>, node_id: &str) -> ApiResult<Vec<Ipv4Net>> {
+    let used: Vec<Ipv4Net> = match st
+        .hub
+        .call(node_id, Operation::UsedSubnets, CALL_TIMEOUT)
+        .await?
+    {
+        Reply::Subnets(s) => s.iter().filter_map(|s| s.parse().ok()).collect(),
+        _ => Vec::new(),
+    };
+    if let Some(session) = st.hub.get(node_id) {
+        session.set_used_subnets(Some(Arc::new(used.clone())));
+    }
+    Ok(used)
 }
 
 /// Removes a network from its node, returns its subnet, forgets it. Best effort: used on
