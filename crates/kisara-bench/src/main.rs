@@ -177,7 +177,9 @@ async fn scale(
     // CPU time per successful launch, of the server and of this process (agents + clients):
     // unlike the wall-clock rate, it does not depend on what else the machine runs.
     let per_launch = |before: Option<Duration>, after: Option<Duration>| match (before, after) {
-        (Some(b), Some(a)) if stats.ok > 0 => a.saturating_sub(b).as_micros() as f64 / stats.ok as f64,
+        (Some(b), Some(a)) if stats.ok > 0 => {
+            a.saturating_sub(b).as_micros() as f64 / stats.ok as f64
+        }
         _ => 0.0,
     };
     let server_us = per_launch(cpu_before.0, cpu_of(pid));
@@ -207,9 +209,7 @@ async fn scale(
         stats.percentile(0.99).as_secs_f64() * 1e3,
         stats.percentile(1.0).as_secs_f64() * 1e3
     );
-    println!(
-        "CPU per launch: server {server_us:.0} µs, hollow nodes + clients {bench_us:.0} µs"
-    );
+    println!("CPU per launch: server {server_us:.0} µs, hollow nodes + clients {bench_us:.0} µs");
     println!(
         "server RSS: {} MiB after join, {} MiB at the end, peak {} MiB",
         rss_idle >> 20,

@@ -206,9 +206,15 @@ async fn warm_pool_launches_get_networks_of_their_own_and_one_event_each() {
     // The default path of the benchmark: spares claimed in the intent's transaction, the
     // completion and its event written together.
     let b = bed(4, 0, "warm_networks = 2").await;
-    let stats = launch_many(&b.server.url, &b.server.admin_token, 200, 8, launch_request())
-        .await
-        .expect("launches run");
+    let stats = launch_many(
+        &b.server.url,
+        &b.server.admin_token,
+        200,
+        8,
+        launch_request(),
+    )
+    .await
+    .expect("launches run");
     assert_eq!(stats.failed, 0, "failures: {:?}", stats.errors);
     assert_eq!(stats.ok, 200);
     let store = &b.server.server.state().store;

@@ -450,7 +450,11 @@ mod tests {
             let nodes: Vec<NodeSnapshot> = (0..4)
                 .map(|i| {
                     let mut n = node(&format!("n{i}"));
-                    n.images = Some(if i == pos { with.clone() } else { shared.clone() });
+                    n.images = Some(if i == pos {
+                        with.clone()
+                    } else {
+                        shared.clone()
+                    });
                     n
                 })
                 .collect();

@@ -186,11 +186,12 @@ impl Store {
                 return Ok(None);
             }
         }
-        let inserted = tx.prepare_cached(
-            "INSERT INTO events(kind, time, node_id, container_id, owner, module, data, fact)
+        let inserted = tx
+            .prepare_cached(
+                "INSERT INTO events(kind, time, node_id, container_id, owner, module, data, fact)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(fact) DO NOTHING",
-        )?.execute(
-            params![
+            )?
+            .execute(params![
                 event.kind,
                 event.time,
                 event.node_id,
@@ -199,8 +200,7 @@ impl Store {
                 event.module,
                 json(&event.data),
                 fact
-            ],
-        )?;
+            ])?;
         if inserted == 0 {
             return Ok(None);
         }

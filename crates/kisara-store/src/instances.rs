@@ -474,17 +474,34 @@ mod tests {
         spare(&s, "s2");
         let a = container("a", "t1", "web");
         let got = s
-            .admit_container_with(&a, (64, 100), &rec(&a), &l, Some("k1"), Some("io.kisara.spare"))
+            .admit_container_with(
+                &a,
+                (64, 100),
+                &rec(&a),
+                &l,
+                Some("k1"),
+                Some("io.kisara.spare"),
+            )
             .unwrap()
             .expect("a spare is claimed");
         assert_eq!(got.id, "s1");
         assert_eq!(s.get_network("s1").unwrap().owned_by.as_deref(), Some("a"));
-        assert_eq!(s.container_by_idempotency_key("k1").unwrap().unwrap().id, "a");
+        assert_eq!(
+            s.container_by_idempotency_key("k1").unwrap().unwrap().id,
+            "a"
+        );
         // The same key again: refused, and nothing of it is left (no row, no instance, the
         // second spare still free).
         let b = container("b", "t2", "web");
         let e = s
-            .admit_container_with(&b, (64, 100), &rec(&b), &l, Some("k1"), Some("io.kisara.spare"))
+            .admit_container_with(
+                &b,
+                (64, 100),
+                &rec(&b),
+                &l,
+                Some("k1"),
+                Some("io.kisara.spare"),
+            )
             .unwrap_err();
         assert!(matches!(e, StoreError::Conflict(_)), "{e}");
         assert!(s.get_container("b").is_err());
@@ -496,7 +513,14 @@ mod tests {
             ..Default::default()
         };
         let e = s
-            .admit_container_with(&b, (64, 100), &rec(&b), &quota, None, Some("io.kisara.spare"))
+            .admit_container_with(
+                &b,
+                (64, 100),
+                &rec(&b),
+                &quota,
+                None,
+                Some("io.kisara.spare"),
+            )
             .unwrap_err();
         assert!(matches!(e, StoreError::QuotaExceeded(_)), "{e}");
         assert_eq!(s.get_network("s2").unwrap().owned_by, None);

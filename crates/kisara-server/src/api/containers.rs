@@ -160,8 +160,7 @@ pub async fn launch_container(
     let reserved = reservation.resources();
     // A network of its own comes from the warm pool when a spare is ready (outbound traffic
     // off, like every spare): claimed in the intent's transaction.
-    let wants_spare =
-        existing_network.is_none() && !req.internet && st.settings.warm_networks > 0;
+    let wants_spare = existing_network.is_none() && !req.internet && st.settings.warm_networks > 0;
     // The intent row, the instance's record, the idempotency key and the claimed spare go in
     // together, under the admission limits: one transaction, and nothing when it fails.
     let admitted = instances::admit_container_with(

@@ -138,7 +138,8 @@ pub async fn create_on_node(
         (None, Some(cached)) => cached.as_ref().clone(),
         _ => used_subnets(st, node_id).await?,
     };
-    let mut fresh = explicit.is_some() || session.as_ref().is_none_or(|s| s.used_subnets().is_none());
+    let mut fresh =
+        explicit.is_some() || session.as_ref().is_none_or(|s| s.used_subnets().is_none());
     let mut attempt = 0;
     loop {
         attempt += 1;
