@@ -155,6 +155,14 @@ async fn scale(
     // (forced onto its network's node) and the container, not a network of its own.
     let mut shared = Vec::new();
     if shared_networks > 0 {
+        // Pool networks are /28s: 13 addresses for containers each.
+        if launches > shared_networks * 13 {
+            bail!(
+                "--shared-networks {shared_networks} holds at most {} containers (13 per /28 \
+                 network); raise it or lower --launches",
+                shared_networks * 13
+            );
+        }
         let t = Instant::now();
         shared = create_networks(&client, shared_networks, nodes, concurrency).await?;
         println!(

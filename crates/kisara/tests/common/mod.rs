@@ -169,7 +169,9 @@ impl TestCluster {
             .items
             .into_iter()
             .filter(|n| n.owned_by.is_none() && n.labels.contains_key(kisara_api::labels::SPARE))
-            .map(|n| n.docker_id)
+            // By Kisara id (the engine's copy carries it as a label): a spare still being made
+            // has no engine id in the store yet.
+            .map(|n| n.id)
             .collect();
         let networks = self
             .runtime
@@ -177,7 +179,11 @@ impl TestCluster {
             .await
             .expect("list")
             .into_iter()
-            .filter(|n| !spares.contains(&n.docker_id))
+            .filter(|n| {
+                n.labels
+                    .get(kisara_api::labels::NETWORK)
+                    .is_none_or(|id| !spares.contains(id))
+            })
             .collect();
         (
             self.runtime.list_containers(&filter).await.expect("list"),
