@@ -1299,3 +1299,51 @@ pub async fn reconcile_node(st: &Arc<AppState>, node_id: &str) {
         tracing::info!(service = %rec.id, node = %node_id, "dropped a service launch a crash interrupted");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> Service {
+        Service {
+            id: "s1".into(),
+            name: "chal".into(),
+            node_id: "n1".into(),
+            owner: Some("t1".into()),
+            module: Some("web".into()),
+            state: ServiceState::Running,
+            containers: Vec::new(),
+            networks: Vec::new(),
+            ports: Vec::new(),
+            host_port: String::new(),
+            created_at: 1,
+            expires_at: None,
+            renewals: 0,
+            flags: None,
+        }
+    }
+
+    #[test]
+    fn flags_are_shown_to_admins_only_and_lifetimes_to_all() {
+        let rec = InstanceRecord {
+            id: "s1".into(),
+            kind: KIND_SERVICE.into(),
+            expires_at: Some(100),
+            renewals: 2,
+            flags: vec![InstanceFlag {
+                target: "web/env:FLAG".into(),
+                value: "flag{x}".into(),
+            }],
+            ..Default::default()
+        };
+        let mut s = service();
+        decorate_with(&mut s, Some(&rec), Caller::Other);
+        assert_eq!((s.expires_at, s.renewals), (Some(100), 2));
+        assert_eq!(s.flags, None);
+        assert!(!serde_json::to_string(&s).unwrap().contains("flag{x}"));
+        decorate_with(&mut s, Some(&rec), Caller::Admin);
+        assert_eq!(s.flags, Some(rec.flags.clone()));
+        decorate_with(&mut s, None, Caller::Admin);
+        assert_eq!((s.expires_at, s.flags), (None, None));
+    }
+}
