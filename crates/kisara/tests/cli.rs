@@ -539,7 +539,8 @@ fn renew_service_and_awd_verbs() {
         &["exec", &s.containers[0].id, "--", "cat", "/flag"],
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), flags[0].value);
-    let r: Service = json(&kisara(&url, &dir, &["service", "renew", "--json", &s.id]));
+    // `kisara renew` takes a service's id too.
+    let r: Service = json(&kisara(&url, &dir, &["renew", "--json", &s.id]));
     assert_eq!(r.renewals, 1);
     assert!(r.expires_at.unwrap() > s.expires_at.unwrap(), "{r:?}");
     failed(
