@@ -20,13 +20,18 @@ Usage: bench/services.py [RUNS] [INSTANCES]   (default 10 and 50; needs kisara-t
 Starts its own `kisara up` (release build) on a temporary data dir and a loopback port.
 """
 import concurrent.futures as cf
-import json, os, shutil, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 INSTANCES = int(sys.argv[2]) if len(sys.argv) > 2 else 50
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KISARA = os.path.join(ROOT, "target", "release", "kisara")
 FIFTY_INTERVAL = "10s"
+# Written while this script's swarm exists: a run killed before its cleanup leaves the marker,
+# and the next run leaves that swarm before anything else.
+SWARM_MARKER = os.path.join(tempfile.gettempdir(), "kisara-bench-services.swarm")
+# Swarm's own networks (ingress, overlays) from a range no Kisara pool or testbed engine uses.
+SWARM_POOL = "10.196.0.0/16"
 
 HEALTH = """    healthcheck:
       test: ["CMD-SHELL", "{test}"]
@@ -160,7 +165,25 @@ def swarm_fifty(text, n):
     return elapsed
 
 
+def leave_swarm():
+    subprocess.run(["docker", "swarm", "leave", "--force"], capture_output=True)
+    try:
+        os.unlink(SWARM_MARKER)
+    except FileNotFoundError:
+        pass
+
+
 def main():
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so the cleanup below (swarm included) runs.
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    if os.path.exists(SWARM_MARKER):
+        print("leaving the swarm a killed run of this script left", file=sys.stderr)
+        for s in [f"kbench{i}" for i in range(INSTANCES)]:
+            subprocess.run(["docker", "stack", "rm", s], capture_output=True)
+        leave_swarm()
     if not os.path.exists(KISARA):
         subprocess.run(["cargo", "build", "--release", "-p", "kisara"], cwd=ROOT, check=True)
     data = tempfile.mkdtemp(prefix="kisara-bench-")
@@ -225,8 +248,10 @@ def main():
         # 2. fifty at once: Swarm
         swarm_was = sh("docker", "info", "--format", "{{.Swarm.LocalNodeState}}").strip()
         if swarm_was != "active":
-            sh("docker", "swarm", "init", "--advertise-addr", "127.0.0.1")
+            open(SWARM_MARKER, "w").close()
             swarm_started = True
+            sh("docker", "swarm", "init", "--advertise-addr", "127.0.0.1",
+               "--default-addr-pool", SWARM_POOL)
         swarm_all = swarm_fifty(challenge(swarm=True, interval=FIFTY_INTERVAL), INSTANCES)
         print(f"  swarm   {swarm_all:6.1f} s   (web answers; stacks do not wait for health)")
         print(f"  ratio kisara / swarm = {kisara_all / swarm_all:.2f}")
@@ -243,7 +268,11 @@ def main():
         for s in [f"kbench{i}" for i in range(INSTANCES)] if swarm_started else []:
             subprocess.run(["docker", "stack", "rm", s], capture_output=True)
         if swarm_started:
-            subprocess.run(["docker", "swarm", "leave", "--force"], capture_output=True)
+            leave_swarm()
+            left = sh("docker", "info", "--format", "{{.Swarm.LocalNodeState}}").strip()
+            if left != "inactive":
+                print(f"WARNING: the swarm is still {left}: run `docker swarm leave --force`",
+                      file=sys.stderr)
         proc.terminate()
         try:
             proc.wait(timeout=10)

@@ -56,6 +56,9 @@ pub mod labels {
     pub const SERVICE: &str = "io.kisara.service";
     /// The object's name inside its service (compose service or network name).
     pub const SERVICE_MEMBER: &str = "io.kisara.service-member";
+    /// On a container with a read-only root and flag files: the image made for it (its base
+    /// image plus the files), removed with the container.
+    pub const FILES_IMAGE: &str = "io.kisara.files-image";
 }
 
 use serde::{Deserialize, Serialize};

@@ -51,6 +51,50 @@ pub struct ServiceRequest {
     /// every container with a healthcheck before the service counts as started (default 120).
     #[serde(default)]
     pub health_timeout_secs: Option<u64>,
+    /// Lifetime in seconds (default: the server's `default_ttl_secs`; 0 there = none); at
+    /// most `max_ttl_secs`. The whole service is removed within seconds of expiring unless
+    /// renewed (`POST /v1/services/{id}/renew`).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Flags rendered from templates and injected into the service's containers (env,
+    /// read-only file written before the start, or exec command once the service is up).
+    #[serde(default)]
+    pub flags: Vec<ServiceFlagSpec>,
+}
+
+/// A flag of a service: a [`crate::FlagSpec`] and the container (its name in the file) that
+/// gets it. `Debug` never shows the template (a fixed template is the flag itself).
+#[derive(Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFlagSpec {
+    /// The container, by its name in the file (compose service name); default: the one
+    /// first in start order.
+    #[serde(default)]
+    pub container: Option<String>,
+    pub template: String,
+    /// How the flag gets into the container (default: env `FLAG`).
+    #[serde(default)]
+    pub inject: crate::FlagInjection,
+}
+
+impl ServiceFlagSpec {
+    /// The flag spec without its container.
+    pub fn spec(&self) -> crate::FlagSpec {
+        crate::FlagSpec {
+            template: self.template.clone(),
+            inject: self.inject.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for ServiceFlagSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceFlagSpec")
+            .field("container", &self.container)
+            .field("template", &"***")
+            .field("inject", &self.inject)
+            .finish()
+    }
 }
 
 /// Kisara-the-original's service description.
@@ -224,6 +268,16 @@ pub struct Service {
     pub host_port: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// When the service expires (unix seconds); absent: it lives until stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// Renewals so far.
+    #[serde(default)]
+    pub renewals: u32,
+    /// The flags injected at launch (target `CONTAINER/env:NAME`, `CONTAINER/file:PATH`,
+    /// `CONTAINER/exec`): only in answers to admin callers, never otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<Vec<crate::InstanceFlag>>,
 }
 
 /// Filters for `GET /v1/services`.

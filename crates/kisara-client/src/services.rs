@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use kisara_api::{ListResponse, Service, ServiceFilter, ServiceRequest};
+use kisara_api::{ListResponse, RenewRequest, Service, ServiceFilter, ServiceRequest};
 use reqwest::Method;
 
 use crate::{Client, Error, Result};
@@ -46,6 +46,19 @@ impl Client {
         }
         self.json(self.req(Method::GET, &["v1", "services", id])?)
             .await
+    }
+
+    /// Extends a service's lifetime by `secs` (`None`: the server's renewal step). A refused
+    /// renewal (limit, deadline) is a 409 with code `quota_exceeded`.
+    pub async fn renew_service(&self, id: &str, secs: Option<u64>) -> Result<Service> {
+        if id.is_empty() {
+            return Err(Error::InvalidUrl("empty id".into()));
+        }
+        self.json(
+            self.req(Method::POST, &["v1", "services", id, "renew"])?
+                .json(&RenewRequest { secs }),
+        )
+        .await
     }
 
     /// Stops a service: every container and network made for it is removed.

@@ -136,6 +136,124 @@ impl DockerRuntime {
             })
     }
 
+    /// Creates the container from `body`, writes its files when `put_files`, joins its extra
+    /// networks and starts it; on any error what it made is removed.
+    async fn create_and_start(
+        &self,
+        config: &ContainerConfig,
+        body: ContainerCreateBody,
+        put_files: bool,
+    ) -> Result<InventoryContainer> {
+        let mut options = CreateContainerOptionsBuilder::new();
+        if !config.name.is_empty() {
+            options = options.name(&config.name);
+        }
+        let created = self
+            .docker
+            .create_container(Some(options.build()), body)
+            .await
+            .map_err(|e| match e {
+                BollardError::DockerResponseServerError {
+                    status_code: 404,
+                    message,
+                } if message.contains("No such image") => RuntimeError::NotFound(format!(
+                    "image {} is not on this node ({message})",
+                    config.image
+                )),
+                e => map_err(e, &format!("container {}", config.name)),
+            })?;
+        for warning in &created.warnings {
+            tracing::debug!(container = %created.id, %warning, "engine warning on create");
+        }
+        // Files (flags) go in before the first process runs.
+        if put_files && !config.files.is_empty() {
+            if let Err(e) = self.put_files(&created.id, &config.files).await {
+                self.cleanup_container(&created.id).await;
+                return Err(e);
+            }
+        }
+        // Engines before API 1.44 attach one network at create; the others join before start,
+        // so the container's first process already sees every network.
+        for extra in &config.extra_networks {
+            let request = NetworkConnectRequest {
+                container: created.id.clone(),
+                endpoint_config: Some(EndpointSettings {
+                    aliases: non_empty(&extra.aliases),
+                    ..Default::default()
+                }),
+            };
+            if let Err(e) = self.docker.connect_network(&extra.network, request).await {
+                self.cleanup_container(&created.id).await;
+                return Err(map_err(e, &format!("network {}", extra.network)));
+            }
+        }
+        match self.start_and_inspect(&created.id).await {
+            Ok(container) => Ok(container),
+            Err(e) => {
+                self.cleanup_container(&created.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// An image of `config.image` with `config.files` in it (for a read-only root): files go
+    /// into a helper container that never runs, which is committed and removed. The image
+    /// keeps its base image's configuration; it carries no tag, only the cluster's labels.
+    async fn image_with_files(&self, config: &ContainerConfig) -> Result<String> {
+        let labels: HashMap<String, String> = config
+            .labels
+            .iter()
+            .filter(|(k, _)| k.as_str() == kisara_api::labels::CLUSTER)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let helper = self
+            .docker
+            .create_container(
+                None::<bollard::query_parameters::CreateContainerOptions>,
+                ContainerCreateBody {
+                    image: Some(config.image.clone()),
+                    labels: Some(labels),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                BollardError::DockerResponseServerError {
+                    status_code: 404,
+                    message,
+                } if message.contains("No such image") => RuntimeError::NotFound(format!(
+                    "image {} is not on this node ({message})",
+                    config.image
+                )),
+                e => map_err(e, &format!("image {} with flag files", config.image)),
+            })?;
+        let committed = match self.put_files(&helper.id, &config.files).await {
+            Ok(()) => self
+                .docker
+                .commit_container(
+                    bollard::query_parameters::CommitContainerOptionsBuilder::new()
+                        .container(&helper.id)
+                        .pause(false)
+                        .build(),
+                    bollard::models::ContainerConfig::default(),
+                )
+                .await
+                .map_err(|e| map_err(e, &format!("image {} with flag files", config.image))),
+            Err(e) => Err(e),
+        };
+        self.cleanup_container(&helper.id).await;
+        Ok(committed?.id)
+    }
+
+    /// Removes an image made by [`Self::image_with_files`]; a failure is only logged (the
+    /// image holds no running process, and a later removal of its container retries).
+    async fn remove_files_image(&self, image: &str) {
+        let opts = RemoveImageOptionsBuilder::new().force(true).build();
+        if let Err(e) = self.docker.remove_image(image, Some(opts), None).await {
+            tracing::warn!(image = %image, error = %e, "could not remove a container's flag-file image");
+        }
+    }
+
     /// Start and inspect a created container; any error is returned for the caller to clean up.
     async fn start_and_inspect(&self, id: &str) -> Result<InventoryContainer> {
         self.docker
@@ -318,57 +436,27 @@ impl Runtime for DockerRuntime {
     }
 
     async fn launch(&self, config: &ContainerConfig) -> Result<InventoryContainer> {
-        let body = create_body(config);
-        let mut options = CreateContainerOptionsBuilder::new();
-        if !config.name.is_empty() {
-            options = options.name(&config.name);
-        }
+        let mut body = create_body(config);
+        // The engine refuses to write files into a container whose root is read-only, even
+        // before it starts: such a container is made from an image of its own, its base image
+        // plus the files, removed with it.
+        let files_image = if config.read_only && !config.files.is_empty() {
+            let image = self.image_with_files(config).await?;
+            body.image = Some(image.clone());
+            body.labels
+                .get_or_insert_with(HashMap::new)
+                .insert(kisara_api::labels::FILES_IMAGE.to_string(), image.clone());
+            Some(image)
+        } else {
+            None
+        };
         let created = self
-            .docker
-            .create_container(Some(options.build()), body)
-            .await
-            .map_err(|e| match e {
-                BollardError::DockerResponseServerError {
-                    status_code: 404,
-                    message,
-                } if message.contains("No such image") => RuntimeError::NotFound(format!(
-                    "image {} is not on this node ({message})",
-                    config.image
-                )),
-                e => map_err(e, &format!("container {}", config.name)),
-            })?;
-        for warning in &created.warnings {
-            tracing::debug!(container = %created.id, %warning, "engine warning on create");
+            .create_and_start(config, body, files_image.is_none())
+            .await;
+        if let (Err(_), Some(image)) = (&created, &files_image) {
+            self.remove_files_image(image).await;
         }
-        // Files (flags) go in before the first process runs.
-        if !config.files.is_empty() {
-            if let Err(e) = self.put_files(&created.id, &config.files).await {
-                self.cleanup_container(&created.id).await;
-                return Err(e);
-            }
-        }
-        // Engines before API 1.44 attach one network at create; the others join before start,
-        // so the container's first process already sees every network.
-        for extra in &config.extra_networks {
-            let request = NetworkConnectRequest {
-                container: created.id.clone(),
-                endpoint_config: Some(EndpointSettings {
-                    aliases: non_empty(&extra.aliases),
-                    ..Default::default()
-                }),
-            };
-            if let Err(e) = self.docker.connect_network(&extra.network, request).await {
-                self.cleanup_container(&created.id).await;
-                return Err(map_err(e, &format!("network {}", extra.network)));
-            }
-        }
-        match self.start_and_inspect(&created.id).await {
-            Ok(container) => Ok(container),
-            Err(e) => {
-                self.cleanup_container(&created.id).await;
-                Err(e)
-            }
-        }
+        created
     }
 
     async fn inspect(&self, docker_id: &str) -> Result<InventoryContainer> {
@@ -396,6 +484,15 @@ impl Runtime for DockerRuntime {
     }
 
     async fn remove(&self, docker_id: &str, force: bool) -> Result<()> {
+        // A container made from an image of its own (flag files under a read-only root)
+        // takes that image with it.
+        let files_image = match self.inspect_raw(docker_id).await {
+            Ok(c) => c
+                .config
+                .and_then(|c| c.labels)
+                .and_then(|l| l.get(kisara_api::labels::FILES_IMAGE).cloned()),
+            Err(_) => None,
+        };
         let opts = RemoveContainerOptionsBuilder::new()
             .force(force)
             .v(true)
@@ -403,7 +500,11 @@ impl Runtime for DockerRuntime {
         self.docker
             .remove_container(docker_id, Some(opts))
             .await
-            .map_err(|e| map_err(e, &format!("container {docker_id}")))
+            .map_err(|e| map_err(e, &format!("container {docker_id}")))?;
+        if let Some(image) = files_image {
+            self.remove_files_image(&image).await;
+        }
+        Ok(())
     }
 
     async fn list_containers(&self, filter: &LabelFilter) -> Result<Vec<InventoryContainer>> {

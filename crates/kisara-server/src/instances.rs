@@ -1,6 +1,6 @@
-//! The instance lifecycle, shared by every launch path (containers now, services as they
-//! land): admission under the quotas, lifetimes and renewals, flags shown only to callers
-//! allowed to see them, and the expiry loop that removes what outlived its lifetime.
+//! The instance lifecycle, shared by every launch path (containers and services): admission
+//! under the quotas, lifetimes and renewals, flags shown only to callers allowed to see them,
+//! and the expiry loop that removes what outlived its lifetime.
 //!
 //! A launch path calls [`prepare`] before it makes anything (bad TTLs and flag specs are 400s
 //! then), [`admit_container`] (or `Store::admit_instance` with its own rows) in place of its
@@ -68,26 +68,49 @@ pub struct Prepared {
 
 /// Validates the request's TTL and flags and renders the flags, for instance `id`.
 pub fn prepare(st: &AppState, req: &LaunchRequest, id: &str, kind: &str) -> ApiResult<Prepared> {
-    let t = now();
-    let lifetime = st.settings.instances.lifetime(req.ttl_secs, t)?;
     let specs = flags::specs(req)?;
     let rendered = flags::render(st, &specs, req.owner.as_deref(), req.module.as_deref(), 0)?;
+    let record = record(
+        st,
+        id,
+        kind,
+        req.ttl_secs,
+        req.owner.as_deref(),
+        req.module.as_deref(),
+        rendered.flags.clone(),
+    )?;
     Ok(Prepared {
-        record: InstanceRecord {
-            id: id.to_string(),
-            kind: kind.to_string(),
-            owner: req.owner.clone(),
-            module: req.module.clone(),
-            created_at: t,
-            expires_at: lifetime.expires_at,
-            deadline_at: lifetime.deadline_at,
-            renewals: 0,
-            flags: rendered.flags.clone(),
-            awd_game: None,
-            awd_team: None,
-        },
+        record,
         rendered,
         ipv4_address: None,
+    })
+}
+
+/// An instance's record for a launch starting now: its lifetime from `ttl_secs` (400 when
+/// the server's limits refuse it) and the flags it was given.
+pub fn record(
+    st: &AppState,
+    id: &str,
+    kind: &str,
+    ttl_secs: Option<u64>,
+    owner: Option<&str>,
+    module: Option<&str>,
+    flags: Vec<kisara_api::InstanceFlag>,
+) -> ApiResult<InstanceRecord> {
+    let t = now();
+    let lifetime = st.settings.instances.lifetime(ttl_secs, t)?;
+    Ok(InstanceRecord {
+        id: id.to_string(),
+        kind: kind.to_string(),
+        owner: owner.map(str::to_string),
+        module: module.map(str::to_string),
+        created_at: t,
+        expires_at: lifetime.expires_at,
+        deadline_at: lifetime.deadline_at,
+        renewals: 0,
+        flags,
+        awd_game: None,
+        awd_team: None,
     })
 }
 
@@ -205,9 +228,22 @@ pub async fn destroy(st: &Arc<AppState>, rec: &InstanceRecord) -> ApiResult<()> 
             }
             Err(e) => Err(e.into()),
         },
-        KIND_SERVICE => Err(ApiError::internal(
-            "services expire through their own removal path, which is not wired yet",
-        )),
+        KIND_SERVICE => match st.store.get_service(&rec.id) {
+            Ok(s) if s.id != rec.id => {
+                // A name lookup found another service: this one is gone.
+                st.store.delete_instance(&rec.id)?;
+                Ok(())
+            }
+            Ok(s) if s.state == kisara_store::SERVICE_LAUNCHING => Err(ApiError::conflict(
+                format!("service {} is still being launched", s.id),
+            )),
+            Ok(s) => crate::api::services::take_down(st, &s).await,
+            Err(kisara_store::StoreError::NotFound(_)) => {
+                st.store.delete_instance(&rec.id)?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
         other => Err(ApiError::internal(format!("unknown instance kind {other}"))),
     }
 }
@@ -222,6 +258,15 @@ async fn expire(st: &Arc<AppState>, rec: InstanceRecord) {
                 return;
             }
             node_id = Some(c.node_id);
+        }
+    }
+    if rec.kind == KIND_SERVICE {
+        if let Ok(s) = st.store.get_service(&rec.id) {
+            // A launch still in flight settles first (it answers, or removes everything).
+            if s.id == rec.id && s.state == kisara_store::SERVICE_LAUNCHING {
+                return;
+            }
+            node_id = Some(s.node_id);
         }
     }
     match destroy(st, &rec).await {

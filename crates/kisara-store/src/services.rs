@@ -85,8 +85,12 @@ fn row(r: &Row<'_>) -> rusqlite::Result<ServiceRecord> {
 
 impl Store {
     pub fn insert_service(&self, s: &ServiceRecord) -> Result<()> {
+        Self::insert_service_on(&self.conn(), s)
+    }
+
+    fn insert_service_on(conn: &rusqlite::Connection, s: &ServiceRecord) -> Result<()> {
         let members = serde_json::to_string(&s.members).unwrap_or_else(|_| "{}".into());
-        self.conn().execute(
+        conn.execute(
             "INSERT INTO services(id, name, node_id, owner, module, state, members, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
@@ -101,6 +105,25 @@ impl Store {
             ],
         )?;
         Ok(())
+    }
+
+    /// Admits a service as an instance: its row, its containers' intent rows (container,
+    /// reserved memory MB, reserved CPU millis) and its instance record, in one transaction
+    /// under `limits` (see [`Store::admit_instance`]). Nothing is written when refused.
+    pub fn admit_service(
+        &self,
+        s: &ServiceRecord,
+        containers: &[(kisara_api::Container, u64, u64)],
+        rec: &crate::InstanceRecord,
+        limits: &kisara_core::instances::AdmissionLimits,
+    ) -> Result<()> {
+        self.admit_instance(rec, limits, |tx| {
+            Self::insert_service_on(tx, s)?;
+            for (c, memory_mb, cpu_milli) in containers {
+                Store::insert_container_on(tx, c, *memory_mb, *cpu_milli)?;
+            }
+            Ok(())
+        })
     }
 
     /// Records the members made so far and the state.
@@ -163,9 +186,16 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes a service's row and its instance record (lifetime, flags) with it.
     pub fn delete_service(&self, id: &str) -> Result<()> {
-        self.conn()
-            .execute("DELETE FROM services WHERE id = ?1", [id])?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM services WHERE id = ?1", [id])?;
+        tx.execute(
+            "DELETE FROM instances WHERE id = ?1 AND kind = ?2",
+            params![id, crate::KIND_SERVICE],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 }
@@ -221,5 +251,56 @@ mod tests {
             store.get_service("s1"),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn services_are_admitted_as_one_instance_and_free_it_when_deleted() {
+        use crate::{InstanceRecord, KIND_SERVICE};
+        use kisara_core::instances::AdmissionLimits;
+        let store = Store::open_in_memory().unwrap();
+        let limits = AdmissionLimits {
+            quota_per_owner: Some(5),
+            one_per_challenge: true,
+            global_cap: None,
+        };
+        let member = |id: &str| -> kisara_api::Container {
+            serde_json::from_value(serde_json::json!({
+                "id": id, "docker_id": "", "name": format!("c-{id}"), "node_id": "n1",
+                "image": "busybox", "owner": "t1", "module": "web", "labels": {},
+                "network": null, "ip_address": null, "state": "launching", "status": "",
+                "ports": [], "host_port": "", "created_at": 0
+            }))
+            .unwrap()
+        };
+        let inst = |id: &str| InstanceRecord {
+            id: id.into(),
+            kind: KIND_SERVICE.into(),
+            owner: Some("t1".into()),
+            module: Some("web".into()),
+            ..Default::default()
+        };
+        let rows = [(member("s1-a"), 64, 100), (member("s1-b"), 64, 100)];
+        store
+            .admit_service(&rec("s1", "t1"), &rows, &inst("s1"), &limits)
+            .unwrap();
+        assert_eq!(store.instance("s1").unwrap().unwrap().kind, KIND_SERVICE);
+        assert!(store.get_container("s1-b").is_ok());
+        // One per (owner, challenge): the second is refused and writes nothing.
+        let rows2 = [(member("s2-a"), 64, 100)];
+        let e = store
+            .admit_service(&rec("s2", "t1"), &rows2, &inst("s2"), &limits)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::QuotaExceeded(_)), "{e}");
+        assert!(store.get_service("s2").is_err());
+        assert!(store.get_container("s2-a").is_err());
+        assert!(store.instance("s2").unwrap().is_none());
+        // Deleting the service drops its instance record, which frees the slot.
+        store.delete_container("s1-a").unwrap();
+        store.delete_container("s1-b").unwrap();
+        store.delete_service("s1").unwrap();
+        assert!(store.instance("s1").unwrap().is_none());
+        store
+            .admit_service(&rec("s2", "t1"), &rows2, &inst("s2"), &limits)
+            .unwrap();
     }
 }

@@ -450,3 +450,166 @@ fn tls_for_the_api_and_the_agent_channel() {
     let out = kisara(&format!("http://{listen}"), &dir, &["ps"]);
     assert!(!out.status.success());
 }
+
+/// `kisara renew`, `kisara service up --ttl --flag-spec` / `service renew`, and the `awd`
+/// verbs, against one `kisara up`.
+#[test]
+fn renew_service_and_awd_verbs() {
+    use kisara_api::{AwdGame, AwdRotateResponse, Service};
+    let nets = NetCleanup::default();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let dir_s = dir.to_str().unwrap();
+    let config = tmp.path().join("kisara.toml");
+    std::fs::write(
+        &config,
+        "[instances]\nmax_ttl_secs = 600\nrenew_secs = 60\nmax_renewals = 1\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    let _up = spawn(
+        &[
+            "up",
+            "--data-dir",
+            dir_s,
+            "--listen",
+            &listen,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let node = wait_ready(&url, &dir, "local");
+    nets.node(&node.id);
+    let failed = |out: &Output, needle: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "succeeded: {err}");
+        assert!(err.contains(needle), "{err}");
+    };
+
+    // A container: run --ttl, renew once, the second renewal names the limit.
+    let c: Container = json(&kisara(
+        &url,
+        &dir,
+        &["run", "--json", "--ttl", "30", IMAGE, "sleep", "600"],
+    ));
+    let expires_at = c.expires_at.expect("a lifetime");
+    let r: Container = json(&kisara(&url, &dir, &["renew", "--json", &c.id]));
+    assert_eq!(r.renewals, 1);
+    assert!(r.expires_at.unwrap() > expires_at, "{r:?}");
+    failed(&kisara(&url, &dir, &["renew", &c.id]), "maximum of 1");
+    assert!(kisara(&url, &dir, &["stop", &c.id]).status.success());
+
+    // A service with a lifetime and a file flag.
+    let compose = tmp.path().join("compose.yml");
+    std::fs::write(
+        &compose,
+        format!(
+            "services:\n  web:\n    image: {IMAGE}\n    command: [\"sleep\", \"600\"]\n    read_only: true\n"
+        ),
+    )
+    .unwrap();
+    let s: Service = json(&kisara(
+        &url,
+        &dir,
+        &[
+            "service",
+            "up",
+            "--json",
+            "-f",
+            compose.to_str().unwrap(),
+            "--ttl",
+            "30",
+            "--owner",
+            "t1",
+            "--module",
+            "web",
+            "--flag-spec",
+            r#"{"container":"web","template":"flag{[uuid]}","inject":{"file":{"path":"/flag"}}}"#,
+        ],
+    ));
+    let flags = s.flags.clone().expect("the admin token sees the flags");
+    assert_eq!(flags.len(), 1);
+    assert_eq!(flags[0].target, "web/file:/flag");
+    let out = kisara(
+        &url,
+        &dir,
+        &["exec", &s.containers[0].id, "--", "cat", "/flag"],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), flags[0].value);
+    // `kisara renew` takes a service's id too.
+    let r: Service = json(&kisara(&url, &dir, &["renew", "--json", &s.id]));
+    assert_eq!(r.renewals, 1);
+    assert!(r.expires_at.unwrap() > s.expires_at.unwrap(), "{r:?}");
+    failed(
+        &kisara(&url, &dir, &["service", "renew", &s.id]),
+        "maximum of 1",
+    );
+    failed(
+        &kisara(
+            &url,
+            &dir,
+            &[
+                "service",
+                "up",
+                "-f",
+                compose.to_str().unwrap(),
+                "--flag-spec",
+                "{oops",
+            ],
+        ),
+        "not a flag spec",
+    );
+    assert!(kisara(&url, &dir, &["service", "down", &s.id])
+        .status
+        .success());
+
+    // AWD: create, rotate (the flag command puts the new flag in place), reset, ls, rm.
+    let g: AwdGame = json(&kisara(
+        &url,
+        &dir,
+        &[
+            "awd",
+            "create",
+            "--json",
+            "g1",
+            IMAGE,
+            "--team",
+            "t1,t2",
+            "--flag-command",
+            "echo \"$flag\" > /tmp/flag",
+            "--",
+            "sleep",
+            "600",
+        ],
+    ));
+    assert_eq!(g.gameboxes.len(), 2);
+    let first = g.flags.clone().expect("flags for the admin token");
+    let r: AwdRotateResponse = json(&kisara(&url, &dir, &["awd", "rotate", "--json", "g1"]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.flags.len(), 2);
+    assert_ne!(r.flags["t1"], first["t1"]);
+    let t1 = g.gameboxes.iter().find(|b| b.team == "t1").unwrap();
+    let out = kisara(
+        &url,
+        &dir,
+        &["exec", &t1.container_id, "--", "cat", "/tmp/flag"],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r.flags["t1"]);
+    let reset: AwdGame = json(&kisara(&url, &dir, &["awd", "reset", "--json", "g1", "t1"]));
+    let t1_again = reset.gameboxes.iter().find(|b| b.team == "t1").unwrap();
+    assert_eq!(
+        t1_again.ip_address, t1.ip_address,
+        "reset keeps the address"
+    );
+    let ls: ListResponse<AwdGame> = json(&kisara(&url, &dir, &["awd", "ls", "--json"]));
+    assert_eq!(ls.items.len(), 1);
+    assert!(kisara(&url, &dir, &["awd", "rm", "g1"]).status.success());
+    let ls: ListResponse<AwdGame> = json(&kisara(&url, &dir, &["awd", "ls", "--json"]));
+    assert!(ls.items.is_empty());
+    failed(&kisara(&url, &dir, &["awd", "rotate", "g1"]), "g1");
+    let ps: ListResponse<Container> = json(&kisara(&url, &dir, &["ps", "--json", "-a"]));
+    assert!(ps.items.is_empty(), "left: {:?}", ps.items);
+}

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use common::*;
 use kisara_api::{
-    ContainerFilter, ContainerState, ExecRequest, HealthState, NetworkFilter, ServiceConfig,
-    ServiceFilter, ServiceRequest, ServiceState,
+    ContainerFilter, ContainerState, ExecRequest, FlagInjection, HealthState, NetworkFilter,
+    ServiceConfig, ServiceFilter, ServiceFlagSpec, ServiceRequest, ServiceState,
 };
 
 /// db answers `db-ok`; api answers `api-ok` and relays db (by name, over the internal `back`
@@ -437,5 +437,256 @@ async fn kisara_service_config_launches_with_its_flags() {
     );
     k.client.remove_service(&s.id).await.expect("down");
     assert_nothing_left(&k, before).await;
+    k.stop().await;
+}
+
+/// Events of `kind` that name `id` as their service or their instance.
+fn events_naming(k: &TestCluster, kind: &str, id: &str) -> usize {
+    store(k)
+        .events_after(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == kind && (e.data["service_id"] == id || e.data["instance"] == id))
+        .count()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Polls until the service is unknown to the server, failing after `deadline` (unix seconds).
+async fn wait_service_gone(k: &TestCluster, id: &str, deadline: i64) {
+    loop {
+        match k.client.service(id).await {
+            Err(e) if e.status() == Some(404) => return,
+            _ => {}
+        }
+        assert!(
+            unix_now() <= deadline,
+            "service {id} still exists after its removal deadline"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn service_flag(container: &str, template: &str, inject: FlagInjection) -> ServiceFlagSpec {
+    ServiceFlagSpec {
+        container: Some(container.into()),
+        template: template.into(),
+        inject,
+    }
+}
+
+/// web has a read-only root; db a writable one.
+const PAIR: &str = r#"
+services:
+  web:
+    image: kisara-test/busybox:latest
+    command: ["sleep", "600"]
+    read_only: true
+  db:
+    image: kisara-test/busybox:latest
+    command: ["sleep", "600"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_take_flags_lifetimes_renewals_and_quotas() {
+    let k = TestCluster::start_with(
+        "[instances]\nmax_ttl_secs = 600\nrenew_secs = 60\nmax_renewals = 1\none_per_challenge = true",
+    )
+    .await;
+    let before = subnet_count(&k);
+    let req = ServiceRequest {
+        ttl_secs: Some(30),
+        flags: vec![
+            // A file flag under a read-only root: written before the start.
+            service_flag(
+                "web",
+                "flag{[team_hash]}",
+                FlagInjection::File {
+                    path: "/flag".into(),
+                    mode: 0o444,
+                },
+            ),
+            service_flag(
+                "db",
+                "env{[uuid]}",
+                FlagInjection::Env {
+                    name: "DB_FLAG".into(),
+                },
+            ),
+            service_flag(
+                "db",
+                "exec{[random:16]}",
+                FlagInjection::Exec {
+                    command: "echo \"$flag\" > /tmp/exec_flag".into(),
+                    timeout_secs: 10,
+                },
+            ),
+        ],
+        ..compose(PAIR, "team1")
+    };
+    let s = k.client.launch_service(&req).await.expect("service up");
+    let flags = s.flags.clone().expect("admin callers get the flags");
+    let value = |target: &str| {
+        flags
+            .iter()
+            .find(|f| f.target == target)
+            .unwrap_or_else(|| panic!("no flag {target} in {flags:?}"))
+            .value
+            .clone()
+    };
+    assert_eq!(flags.len(), 3, "{flags:?}");
+    let web = s.containers.iter().find(|c| c.service == "web").unwrap();
+    let db = s.containers.iter().find(|c| c.service == "db").unwrap();
+    let (code, out) = sh(&k, &web.id, "cat /flag; echo; stat -c %a /flag").await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out, format!("{}\n444\n", value("web/file:/flag")));
+    // The root stays read-only.
+    assert_eq!(
+        docker_inspect(&web.docker_id)["HostConfig"]["ReadonlyRootfs"],
+        true
+    );
+    let (code, _) = sh(&k, &web.id, "touch /x").await;
+    assert_ne!(code, Some(0), "the read-only root took a write");
+    let files_image = docker_inspect(&web.docker_id)["Config"]["Labels"]["io.kisara.files-image"]
+        .as_str()
+        .expect("the flag-file image is labelled")
+        .to_string();
+    let (_, out) = sh(&k, &db.id, "printf %s \"$DB_FLAG\"; cat /tmp/exec_flag").await;
+    assert_eq!(
+        out,
+        format!("{}{}\n", value("db/env:DB_FLAG"), value("db/exec"))
+    );
+
+    // Lifetime, shown by inspect with the flags.
+    let expires_at = s.expires_at.expect("a lifetime");
+    assert!(
+        (s.created_at + 29..=s.created_at + 31).contains(&expires_at),
+        "{s:?}"
+    );
+    let got = k.client.service(&s.id).await.unwrap();
+    assert_eq!(got.expires_at, Some(expires_at));
+    assert_eq!(got.flags, Some(flags.clone()));
+
+    // One per (owner, challenge): refused whole, nothing made.
+    let e = k.client.launch_service(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert_eq!(e.code(), Some("quota_exceeded"), "{e}");
+    assert!(e.to_string().contains("one per challenge"), "{e}");
+    let listed = k.client.list_services(&ServiceFilter::default()).await;
+    assert_eq!(listed.unwrap().items.len(), 1);
+    assert_eq!(
+        k.client
+            .list_containers(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+
+    // A flag for a container the service does not have is a 400 naming it.
+    let mut bad = compose(PAIR, "team2");
+    bad.flags = vec![service_flag("cache", "x", FlagInjection::default())];
+    let e = k.client.launch_service(&bad).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("\"cache\""), "{e}");
+
+    // Renewals: one allowed, the next refused with the limit named.
+    let r = k.client.renew_service(&s.id, None).await.expect("renew");
+    assert_eq!(r.renewals, 1);
+    assert!(r.expires_at.unwrap() > expires_at, "{r:?}");
+    let e = k.client.renew_service(&s.id, None).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert_eq!(e.code(), Some("quota_exceeded"), "{e}");
+
+    // Destroy: everything goes, the flag-file image too; service.start and .stop once each.
+    k.client.remove_service(&s.id).await.expect("down");
+    let e = k.client.remove_service(&s.id).await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    assert_eq!(events_naming(&k, "service.start", &s.id), 1);
+    assert_eq!(events_naming(&k, "service.stop", &s.id), 1);
+    let image_left = std::process::Command::new("docker")
+        .args(["image", "inspect", &files_image])
+        .output()
+        .expect("docker CLI");
+    assert!(
+        !image_left.status.success(),
+        "the flag-file image outlived its container"
+    );
+    assert_nothing_left(&k, before).await;
+    k.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_service_is_removed_whole_and_reported_once_also_across_a_restart() {
+    let k = TestCluster::start_with("[instances]\nmax_ttl_secs = 600").await;
+    let before = subnet_count(&k);
+    let s = k
+        .client
+        .launch_service(&ServiceRequest {
+            ttl_secs: Some(2),
+            ..compose(PAIR, "team1")
+        })
+        .await
+        .expect("service up");
+    let expires_at = s.expires_at.expect("a lifetime");
+    wait_service_gone(&k, &s.id, expires_at + 5).await;
+    assert_nothing_left(&k, before).await;
+    assert_eq!(events_naming(&k, "instance.expired", &s.id), 1);
+    assert_eq!(events_naming(&k, "service.start", &s.id), 1);
+    assert_eq!(events_naming(&k, "service.stop", &s.id), 1);
+
+    // Down across the moment of expiry: the store remembers it.
+    let s = k
+        .client
+        .launch_service(&ServiceRequest {
+            ttl_secs: Some(3),
+            ..compose(PAIR, "team1")
+        })
+        .await
+        .expect("service up");
+    let expires_at = s.expires_at.expect("a lifetime");
+    let k = k.restart().await;
+    wait_service_gone(&k, &s.id, expires_at.max(unix_now()) + 5).await;
+    assert_nothing_left(&k, before).await;
+    assert_eq!(events_naming(&k, "instance.expired", &s.id), 1);
+    assert_eq!(events_naming(&k, "service.stop", &s.id), 1);
+    k.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_launch_fires_no_service_events_and_masks_its_flag() {
+    let k = TestCluster::start().await;
+    let before = subnet_count(&k);
+    let mut req = compose(PAIR, "team1");
+    req.flags = vec![service_flag(
+        "db",
+        "flag{svc-oops-secret}",
+        FlagInjection::Exec {
+            command: "echo \"$flag\" >&2; exit 3".into(),
+            timeout_secs: 5,
+        },
+    )];
+    let e = k.client.launch_service(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("db") && msg.contains("code 3") && msg.contains("***"),
+        "{msg}"
+    );
+    assert!(!msg.contains("svc-oops-secret"), "{msg}");
+    assert_nothing_left(&k, before).await;
+    let all = store(&k).events_after(0, 100_000).unwrap();
+    assert!(
+        !all.iter()
+            .any(|e| e.kind == "service.start" || e.kind == "service.stop"),
+        "a failed launch fired service events: {:?}",
+        all.iter().map(|e| &e.kind).collect::<Vec<_>>()
+    );
     k.stop().await;
 }

@@ -1,4 +1,4 @@
-//! Instance lifecycle routes: renew a container's lifetime.
+//! Instance lifecycle routes: renew a container's lifetime (services: `services::renew`).
 //! (Destroying is `POST /v1/containers/{id}/stop` or `DELETE /v1/containers/{id}`.)
 
 use std::sync::Arc;
@@ -24,16 +24,20 @@ pub async fn renew(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Container>> {
-    // The body is optional: an empty one renews by the default extension.
-    let secs = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        serde_json::from_slice::<RenewRequest>(&body)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
-            .secs
-    };
+    let secs = renew_secs(&body)?;
     let mut c = st.store.get_container(&id)?;
     let rec = instances::renew(&st, &c.id, secs)?;
     instances::decorate(&mut c, Some(&rec), caller);
     Ok(Json(c))
+}
+
+/// The extension a renew body asks for. The body is optional: an empty one renews by the
+/// default extension.
+pub fn renew_secs(body: &[u8]) -> ApiResult<Option<u64>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice::<RenewRequest>(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+        .secs)
 }

@@ -129,6 +129,7 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
         .routes(routes!(webhooks::deliveries))
         .routes(routes!(services::launch, services::list))
         .routes(routes!(services::get, services::remove))
+        .routes(routes!(services::renew))
         .routes(routes!(lifecycle::renew))
         .routes(routes!(awd::create, awd::list))
         .routes(routes!(awd::inspect, awd::remove))

@@ -24,18 +24,21 @@ use kisara_api::{
     HealthState, ListResponse, Network, NodeError, Service, ServiceContainer, ServiceFilter,
     ServiceNetwork, ServiceRequest, ServiceState,
 };
+use kisara_api::{FlagSpec, InstanceFlag, RenewRequest};
 use kisara_core::scheduler::{PlacementRequest, Resources};
 use kisara_core::service_plan::{
     self, DependCondition, PlannedContainer, PlannedNetwork, ServiceContext, ServicePlan,
 };
 use kisara_core::{compose, service_config};
 use kisara_store::{
-    OptionalExt, ServiceContainerMember, ServiceNetworkMember, ServiceRecord, SERVICE_LAUNCHING,
-    SERVICE_UP,
+    InstanceRecord, OptionalExt, ServiceContainerMember, ServiceNetworkMember, ServiceRecord,
+    KIND_SERVICE, SERVICE_LAUNCHING, SERVICE_UP,
 };
 
 use super::{ApiJson, ApiQuery};
 use crate::error::{status_for_code, ApiError, ApiResult};
+use crate::flags::Rendered;
+use crate::instances::{self, Caller};
 use crate::{new_id, now, placement, AppState};
 
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
@@ -121,10 +124,23 @@ const LIST_DEADLINE: Duration = super::containers::LIST_DEADLINE;
               (status = 504, body = ErrorBody)))]
 pub async fn launch(
     State(st): State<Arc<AppState>>,
+    caller: Caller,
     ApiJson(req): ApiJson<ServiceRequest>,
 ) -> ApiResult<(StatusCode, Json<Service>)> {
     let plan = plan_of(&req)?;
     service_plan::validate(&plan, &st.settings)?;
+    let service_id = new_id();
+    // Lifetime and flags are settled (and refused when bad) before anything is made.
+    let flags = render_flags(&st, &req, &plan)?;
+    let record = instances::record(
+        &st,
+        &service_id,
+        KIND_SERVICE,
+        req.ttl_secs,
+        req.owner.as_deref(),
+        req.module.as_deref(),
+        flags.all.clone(),
+    )?;
     let name = req
         .name
         .clone()
@@ -144,17 +160,99 @@ pub async fn launch(
     let task = tokio::spawn(async move {
         launch_service(
             &task_st,
-            req,
-            plan,
-            name,
-            Duration::from_secs(health_timeout),
+            Launch {
+                req,
+                plan,
+                name,
+                health_timeout: Duration::from_secs(health_timeout),
+                record,
+                flags,
+            },
         )
         .await
     });
-    let service = task
+    let mut service = task
         .await
         .map_err(|e| ApiError::internal(format!("service launch task failed: {e}")))??;
+    decorate(&st, &mut service, caller);
     Ok((StatusCode::CREATED, Json(service)))
+}
+
+/// A service's flags, rendered: per container (by its name in the file), and all of them as
+/// the caller and the instance record see them (targets prefixed with the container's name).
+#[derive(Debug, Default)]
+struct ServiceFlags {
+    per_container: HashMap<String, Rendered>,
+    all: Vec<InstanceFlag>,
+}
+
+/// Validates the request's flags against the plan and renders them.
+fn render_flags(
+    st: &AppState,
+    req: &ServiceRequest,
+    plan: &ServicePlan,
+) -> ApiResult<ServiceFlags> {
+    let mut specs: BTreeMap<String, Vec<FlagSpec>> = BTreeMap::new();
+    let first = plan.containers.first().map(|c| c.service.clone());
+    for (i, f) in req.flags.iter().enumerate() {
+        let container = match (&f.container, &first) {
+            (Some(c), _) => {
+                if !plan.containers.iter().any(|p| p.service == *c) {
+                    return Err(ApiError::bad_request(format!(
+                        "flags[{i}]: the service has no container named {c:?}"
+                    )));
+                }
+                c.clone()
+            }
+            (None, Some(c)) => c.clone(),
+            (None, None) => return Err(ApiError::bad_request("the service has no containers")),
+        };
+        specs.entry(container).or_default().push(f.spec());
+    }
+    let mut out = ServiceFlags::default();
+    for (container, specs) in specs {
+        kisara_core::flags::validate_all(&specs)
+            .map_err(|e| ApiError::bad_request(format!("flags of {container}: {e}")))?;
+        let rendered =
+            crate::flags::render(st, &specs, req.owner.as_deref(), req.module.as_deref(), 0)?;
+        out.all.extend(rendered.flags.iter().map(|f| InstanceFlag {
+            target: format!("{container}/{}", f.target),
+            value: f.value.clone(),
+        }));
+        out.per_container.insert(container, rendered);
+    }
+    Ok(out)
+}
+
+/// Fills a service's lifecycle fields from its instance record; flags only for admins.
+fn decorate(st: &AppState, s: &mut Service, caller: Caller) {
+    let rec = st.store.instance(&s.id).ok().flatten();
+    decorate_with(s, rec.as_ref(), caller);
+}
+
+fn decorate_with(s: &mut Service, rec: Option<&InstanceRecord>, caller: Caller) {
+    match rec {
+        Some(rec) => {
+            s.expires_at = rec.expires_at;
+            s.renewals = rec.renewals;
+            s.flags = caller.sees_flags().then(|| rec.flags.clone());
+        }
+        None => {
+            s.expires_at = None;
+            s.renewals = 0;
+            s.flags = None;
+        }
+    }
+}
+
+/// Everything a launch needs, settled before it starts.
+struct Launch {
+    req: ServiceRequest,
+    plan: ServicePlan,
+    name: String,
+    health_timeout: Duration,
+    record: InstanceRecord,
+    flags: ServiceFlags,
 }
 
 fn plan_of(req: &ServiceRequest) -> ApiResult<ServicePlan> {
@@ -185,14 +283,16 @@ struct Made {
     networks: Vec<Network>,
 }
 
-async fn launch_service(
-    st: &Arc<AppState>,
-    req: ServiceRequest,
-    plan: ServicePlan,
-    name: String,
-    health_timeout: Duration,
-) -> ApiResult<Service> {
-    let service_id = new_id();
+async fn launch_service(st: &Arc<AppState>, launch: Launch) -> ApiResult<Service> {
+    let Launch {
+        req,
+        plan,
+        name,
+        health_timeout,
+        record,
+        flags,
+    } = launch;
+    let service_id = record.id.clone();
     // Existing networks (AWD game networks) pin the node.
     let mut existing: BTreeMap<String, Network> = BTreeMap::new();
     let mut pinned: Option<String> = None;
@@ -288,36 +388,29 @@ async fn launch_service(
         },
         created_at: now(),
     };
-    st.store.insert_service(&rec)?;
-    let mut made = Made::default();
-    let mut rows_ok = true;
+    let mut rows = Vec::with_capacity(ids.len());
     for ((c, id), (_, res)) in plan.containers.iter().zip(&ids).zip(&members) {
         let row = container_row(id, &node_id, c, &req, &service_id)?;
-        if let Err(e) = st
-            .store
-            .insert_container_reserved(&row, res.memory_mb, res.cpu_milli)
-        {
-            tracing::warn!(service = %service_id, error = %e, "cannot record a service container");
-            rows_ok = false;
-            break;
-        }
+        rows.push((row, res.memory_mb, res.cpu_milli));
     }
-    let result = if rows_ok {
-        build(
-            st,
-            &req,
-            &plan,
-            &mut rec,
-            &ids,
-            &session.hello.public_address,
-            health_timeout,
-            &existing,
-            &mut made,
-        )
-        .await
-    } else {
-        Err(ApiError::internal("cannot record the service's containers"))
-    };
+    // The service's rows and its instance record go in together, under the admission limits
+    // (409 `quota_exceeded` names the limit hit; nothing is written then).
+    st.store
+        .admit_service(&rec, &rows, &record, &instances::limits(st))?;
+    let mut made = Made::default();
+    let result = build(
+        st,
+        &req,
+        &plan,
+        &mut rec,
+        &ids,
+        &session.hello.public_address,
+        health_timeout,
+        &existing,
+        &flags,
+        &mut made,
+    )
+    .await;
     match result {
         Ok(()) => {
             rec.state = SERVICE_UP.to_string();
@@ -391,6 +484,7 @@ async fn build(
     public_address: &str,
     health_timeout: Duration,
     existing: &BTreeMap<String, Network>,
+    flags: &ServiceFlags,
     made: &mut Made,
 ) -> ApiResult<()> {
     let node_id = rec.node_id.clone();
@@ -496,9 +590,11 @@ async fn build(
             r?;
         }
         healthy.extend(waits.into_keys());
-        let launches = wave
-            .iter()
-            .map(|&i| launch_one(st, &plan.containers[i], &ids[i], &ctx, public_address));
+        let launches = wave.iter().map(|&i| {
+            let c = &plan.containers[i];
+            let rendered = flags.per_container.get(&c.service);
+            launch_one(st, c, &ids[i], &ctx, public_address, rendered)
+        });
         let results = futures::future::join_all(launches).await;
         let mut first_error = None;
         for (&i, r) in wave.iter().zip(results) {
@@ -551,6 +647,15 @@ async fn build(
             .map(|(d, _)| d.clone())
             .unwrap_or_default();
         place_flags(st, &node_id, c, id, &docker_id).await?;
+        // Exec flags, once the service is up; a failing flag command fails the launch.
+        if let Some(rendered) = flags.per_container.get(&c.service) {
+            crate::flags::run_execs(st, &node_id, &docker_id, rendered)
+                .await
+                .map_err(|e| ApiError {
+                    message: format!("service {}: {}", c.service, e.message),
+                    ..e
+                })?;
+        }
     }
     Ok(())
 }
@@ -604,8 +709,14 @@ async fn launch_one(
     id: &str,
     ctx: &ServiceContext,
     public_address: &str,
+    flags: Option<&Rendered>,
 ) -> ApiResult<String> {
-    let config = service_plan::container_config(c, &st.settings, ctx, id)?;
+    let mut config = service_plan::container_config(c, &st.settings, ctx, id)?;
+    // Env and file flags go into the config: files are written before the start, so they
+    // work with a read-only root.
+    if let Some(rendered) = flags {
+        crate::flags::apply(&mut config, rendered);
+    }
     let reply = st
         .hub
         .call(
@@ -853,6 +964,7 @@ async fn undo(st: &Arc<AppState>, rec: &ServiceRecord, ids: &[String], made: &Ma
     responses((status = 200, body = ListResponse<Service>)))]
 pub async fn list(
     State(st): State<Arc<AppState>>,
+    caller: Caller,
     ApiQuery(filter): ApiQuery<ServiceFilter>,
 ) -> ApiResult<Json<ListResponse<Service>>> {
     let node = match &filter.node {
@@ -881,9 +993,20 @@ pub async fn list(
             }),
         }
     }
+    let instances: HashMap<String, InstanceRecord> = st
+        .store
+        .list_instances()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
     let items = recs
         .iter()
-        .map(|r| view(&st, r, live.get(&r.node_id)))
+        .map(|r| {
+            let mut s = view(&st, r, live.get(&r.node_id));
+            decorate_with(&mut s, instances.get(&r.id), caller);
+            s
+        })
         .collect();
     Ok(Json(ListResponse { items, node_errors }))
 }
@@ -894,11 +1017,35 @@ pub async fn list(
     responses((status = 200, body = Service), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(st): State<Arc<AppState>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Service>> {
     let rec = st.store.get_service(&id)?;
     let live = node_inventory(&st, &rec.node_id).await.ok();
-    Ok(Json(view(&st, &rec, live.as_ref())))
+    let mut s = view(&st, &rec, live.as_ref());
+    decorate(&st, &mut s, caller);
+    Ok(Json(s))
+}
+
+/// Extend a service's lifetime by `secs` (default: the server's `renew_secs`), within the
+/// maximum lifetime, the renewal limit and the hard deadline (409 `quota_exceeded` names the
+/// limit hit).
+#[utoipa::path(post, path = "/v1/services/{id}/renew", request_body = RenewRequest,
+    params(("id" = String, Path, description = "service id or name")),
+    responses((status = 200, body = Service), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn renew(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Service>> {
+    let secs = super::lifecycle::renew_secs(&body)?;
+    let rec = st.store.get_service(&id)?;
+    let inst = instances::renew(&st, &rec.id, secs)?;
+    let mut s = view(&st, &rec, None);
+    decorate_with(&mut s, Some(&inst), caller);
+    Ok(Json(s))
 }
 
 /// Stop a service: every container and every network made for it is removed.
@@ -924,7 +1071,10 @@ pub async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn take_down(st: &Arc<AppState>, rec: &ServiceRecord) -> ApiResult<()> {
+/// Removes a service that is up: its containers, its own networks, its rows (and its
+/// instance record); `service.stop` once. On an error what is left stays recorded, and a
+/// retry finishes the job.
+pub(crate) async fn take_down(st: &Arc<AppState>, rec: &ServiceRecord) -> ApiResult<()> {
     let service = view(st, rec, None);
     let rows: Vec<Container> = rec
         .members
@@ -1111,6 +1261,9 @@ fn view(
         containers,
         networks,
         created_at: rec.created_at,
+        expires_at: None,
+        renewals: 0,
+        flags: None,
     }
 }
 
@@ -1144,5 +1297,53 @@ pub async fn reconcile_node(st: &Arc<AppState>, node_id: &str) {
         }
         undo(st, &rec, &ids, &made).await;
         tracing::info!(service = %rec.id, node = %node_id, "dropped a service launch a crash interrupted");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> Service {
+        Service {
+            id: "s1".into(),
+            name: "chal".into(),
+            node_id: "n1".into(),
+            owner: Some("t1".into()),
+            module: Some("web".into()),
+            state: ServiceState::Running,
+            containers: Vec::new(),
+            networks: Vec::new(),
+            ports: Vec::new(),
+            host_port: String::new(),
+            created_at: 1,
+            expires_at: None,
+            renewals: 0,
+            flags: None,
+        }
+    }
+
+    #[test]
+    fn flags_are_shown_to_admins_only_and_lifetimes_to_all() {
+        let rec = InstanceRecord {
+            id: "s1".into(),
+            kind: KIND_SERVICE.into(),
+            expires_at: Some(100),
+            renewals: 2,
+            flags: vec![InstanceFlag {
+                target: "web/env:FLAG".into(),
+                value: "flag{x}".into(),
+            }],
+            ..Default::default()
+        };
+        let mut s = service();
+        decorate_with(&mut s, Some(&rec), Caller::Other);
+        assert_eq!((s.expires_at, s.renewals), (Some(100), 2));
+        assert_eq!(s.flags, None);
+        assert!(!serde_json::to_string(&s).unwrap().contains("flag{x}"));
+        decorate_with(&mut s, Some(&rec), Caller::Admin);
+        assert_eq!(s.flags, Some(rec.flags.clone()));
+        decorate_with(&mut s, None, Caller::Admin);
+        assert_eq!((s.expires_at, s.flags), (None, None));
     }
 }

@@ -211,27 +211,31 @@ pub async fn stop(client: &Client, out: &Output, ids: &[String]) -> anyhow::Resu
     each_id(out, ids, async |id| client.stop(id).await).await
 }
 
+/// Renews a container, or a service when no container answers to the id.
 pub async fn renew(client: &Client, out: &Output, a: RenewArgs) -> anyhow::Result<i32> {
-    let c = client.renew(&a.id, a.secs).await?;
-    if out.json {
-        out.print_json(&c)?;
-    } else {
-        let until = c
-            .expires_at
-            .map_or_else(|| "-".to_string(), |e| e.to_string());
-        output::line(&format!(
-            "{} expires at {until} (in {}s), renewed {} times",
-            c.id,
-            c.expires_at.map_or(0, |e| e - output::now()),
-            c.renewals
-        ))?;
-    }
+    let (id, expires_at, renewals) = match client.renew(&a.id, a.secs).await {
+        Ok(c) if out.json => return out.print_json(&c).map(|()| 0),
+        Ok(c) => (c.id, c.expires_at, c.renewals),
+        Err(e) if e.status() == Some(404) => match client.renew_service(&a.id, a.secs).await {
+            Ok(s) if out.json => return out.print_json(&s).map(|()| 0),
+            Ok(s) => (s.id, s.expires_at, s.renewals),
+            // Neither: the container's answer names what was not found.
+            Err(se) if se.status() == Some(404) => return Err(e.into()),
+            Err(se) => return Err(se.into()),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    let until = expires_at.map_or_else(|| "-".to_string(), |e| e.to_string());
+    output::line(&format!(
+        "{id} expires at {until} (in {}s), renewed {renewals} times",
+        expires_at.map_or(0, |e| e - output::now()),
+    ))?;
     Ok(0)
 }
 
 #[derive(Debug, Args)]
 pub struct RenewArgs {
-    /// Kisara id, name, or Docker id prefix.
+    /// Container (Kisara id, name, or Docker id prefix) or service (id or name).
     pub id: String,
     /// Seconds to extend by (default: the server's renewal step).
     #[arg(long, value_name = "SECS")]

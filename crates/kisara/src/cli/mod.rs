@@ -98,7 +98,7 @@ pub enum ClientCommand {
     },
     /// Remove containers.
     Rm(containers::RmArgs),
-    /// Extend a container's lifetime.
+    /// Extend a container's or a service's lifetime.
     Renew(containers::RenewArgs),
     /// AWD games: a shared game network and a gamebox per team; rotate flags, reset boxes.
     #[command(subcommand)]

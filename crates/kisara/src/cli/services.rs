@@ -1,4 +1,4 @@
-//! `service up | ls | inspect | down`: multi-container services from a compose file or a
+//! `service up | ls | inspect | renew | down`: multi-container services from a compose file or a
 //! Kisara `ServiceConfig` (JSON).
 
 use std::path::PathBuf;
@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 use kisara_client::{
-    Client, HealthState, Service, ServiceConfig, ServiceFilter, ServiceRequest, ServiceState,
+    Client, HealthState, Service, ServiceConfig, ServiceFilter, ServiceFlagSpec, ServiceRequest,
+    ServiceState,
 };
 
 use super::containers::{each_id, parse_key_value};
@@ -40,6 +41,27 @@ pub enum ServiceCommand {
         /// Seconds to wait for healthchecks (default 120).
         #[arg(long)]
         health_timeout: Option<u64>,
+        /// Lifetime in seconds (renew with `kisara service renew`); the server's default
+        /// otherwise.
+        #[arg(long, value_name = "SECS")]
+        ttl: Option<u64>,
+        /// A flag in env FLAG of the first container, from a template such as
+        /// `flag{[uuid]}` or `flag{[team_hash]}`.
+        #[arg(long)]
+        flag: Option<String>,
+        /// A flag spec as JSON, e.g.
+        /// `{"container":"web","template":"flag{[uuid]}","inject":{"file":{"path":"/flag"}}}`
+        /// (repeatable).
+        #[arg(long = "flag-spec", value_name = "JSON", value_parser = parse_flag_spec)]
+        flag_specs: Vec<ServiceFlagSpec>,
+    },
+    /// Extend services' lifetimes.
+    Renew {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Seconds to extend by (default: the server's renewal step).
+        #[arg(long, value_name = "SECS")]
+        secs: Option<u64>,
     },
     /// List services.
     #[command(visible_alias = "list")]
@@ -72,7 +94,18 @@ pub async fn run(client: &Client, out: &Output, cmd: ServiceCommand) -> anyhow::
             name,
             internet,
             health_timeout,
+            ttl,
+            flag,
+            flag_specs,
         } => {
+            let mut flags = flag_specs;
+            if let Some(template) = flag {
+                flags.push(ServiceFlagSpec {
+                    container: None,
+                    template,
+                    inject: Default::default(),
+                });
+            }
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let mut req = ServiceRequest {
@@ -82,6 +115,8 @@ pub async fn run(client: &Client, out: &Output, cmd: ServiceCommand) -> anyhow::
                 name,
                 internet,
                 health_timeout_secs: health_timeout,
+                ttl_secs: ttl,
+                flags,
                 env: env.into_iter().collect(),
                 ..Default::default()
             };
@@ -158,6 +193,27 @@ pub async fn run(client: &Client, out: &Output, cmd: ServiceCommand) -> anyhow::
             out.print_json(&client.service(&id).await?)?;
             Ok(0)
         }
+        ServiceCommand::Renew { ids, secs } => {
+            let mut code = 0;
+            for id in &ids {
+                match client.renew_service(id, secs).await {
+                    Ok(s) if out.json => out.print_json(&s)?,
+                    Ok(s) => output::line(&format!(
+                        "{} expires at {} (in {}s), renewed {} times",
+                        s.id,
+                        s.expires_at
+                            .map_or_else(|| "-".to_string(), |e| e.to_string()),
+                        s.expires_at.map_or(0, |e| e - output::now()),
+                        s.renewals
+                    ))?,
+                    Err(e) => {
+                        output::print_error(&e);
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
         ServiceCommand::Down { ids } => {
             each_id(out, &ids, async |id| client.remove_service(id).await).await
         }
@@ -195,4 +251,9 @@ fn health(h: Option<HealthState>) -> &'static str {
         Some(HealthState::Healthy) => "healthy",
         Some(HealthState::Unhealthy) => "unhealthy",
     }
+}
+
+/// A `--flag-spec` argument of `service up`.
+fn parse_flag_spec(s: &str) -> Result<ServiceFlagSpec, String> {
+    serde_json::from_str(s).map_err(|e| format!("not a flag spec: {e}"))
 }

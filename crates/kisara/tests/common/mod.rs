@@ -275,6 +275,12 @@ impl Drop for TestCluster {
                 .args(["network", "rm", &id])
                 .output();
         }
+        // Images made for flag files under a read-only root (their containers are gone now).
+        for id in ids(&["images", "-q", "--filter"]) {
+            let _ = std::process::Command::new("docker")
+                .args(["rmi", "-f", &id])
+                .output();
+        }
     }
 }
 
