@@ -219,6 +219,10 @@ async fn lease_gateway(
         );
         let leases = st.store.lease_ports(range, &reqs, now())?;
         st.gateway.set_instance_cap(container_id, rate_kbps);
+        if !st.gateway.settings.listen {
+            // Standalone gateways listen (they poll the leases); nothing to bind here.
+            return Ok(leases);
+        }
         let mut failed = None;
         for l in &leases {
             if let Err(e) = super::listen::open(st, l).await {
