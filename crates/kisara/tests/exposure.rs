@@ -525,3 +525,40 @@ async fn a_per_instance_bandwidth_cap_holds_the_rate() {
     cl.client.stop(&free.id).await.expect("stop");
     cl.stop().await;
 }
+
+#[tokio::test]
+async fn a_services_ports_are_leased_from_the_range_and_released_with_it() {
+    let host = port_block(19);
+    let cl = TestCluster::start_with(&config(port_block(20), host)).await;
+    let compose = format!(
+        "name: leased\nservices:\n  echo:\n    image: {FIXTURE}\n    command: [\"kfix\", \"tcp-echo\", \"80\"]\n    ports: [\"80\"]\n"
+    );
+    let req = kisara_api::ServiceRequest {
+        compose: Some(compose),
+        owner: Some("team1".into()),
+        ..Default::default()
+    };
+    let s = cl.client.launch_service(&req).await.expect("service up");
+    let p = &s.containers[0].ports[0];
+    assert!((host.0..=host.1).contains(&p.public_port), "{:?}", s.containers[0].ports);
+    let leases = cl.server.state().store.list_leases().unwrap();
+    assert!(
+        leases
+            .iter()
+            .any(|l| l.port == p.public_port && l.service_id.as_deref() == Some(s.id.as_str())),
+        "no lease for the service's port: {leases:?}"
+    );
+    assert_eq!(tcp_echo(p.public_port, b"svc\n").await, b"svc\n");
+    let port = p.public_port;
+    cl.client.remove_service(&s.id).await.expect("service down");
+    assert!(
+        cl.server.state().store.list_leases().unwrap().is_empty(),
+        "leases left after the service went"
+    );
+    // The port is free again and the next service gets it.
+    let again = cl.client.launch_service(&req).await.expect("service up again");
+    assert_eq!(again.containers[0].ports[0].public_port, port);
+    cl.client.remove_service(&again.id).await.expect("service down");
+    cl.assert_clean().await;
+    cl.stop().await;
+}

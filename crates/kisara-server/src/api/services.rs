@@ -605,29 +605,21 @@ async fn launch_one(
     ctx: &ServiceContext,
     public_address: &str,
 ) -> ApiResult<String> {
-    let config = service_plan::container_config(c, &st.settings, ctx, id)?;
-    let reply = st
-        .hub
-        .call(
-            &ctx.node_id,
-            Operation::Launch {
-                config: Box::new(config),
-            },
-            LAUNCH_TIMEOUT,
-        )
-        .await
-        .map_err(|e| ApiError {
-            message: format!("service {}: {}", c.service, e.message),
-            ..e
-        })?;
-    let inv = match reply {
-        Reply::Launched(inv) => inv,
-        other => {
-            return Err(ApiError::internal(format!(
-                "unexpected reply to launch: {other:?}"
-            )))
-        }
-    };
+    let mut config = service_plan::container_config(c, &st.settings, ctx, id)?;
+    // Published ports are leased host ports (released with the container or the service).
+    let inv = crate::gateway::launch::launch_service_container(
+        st,
+        &ctx.node_id,
+        &ctx.service_id,
+        id,
+        &mut config,
+        LAUNCH_TIMEOUT,
+    )
+    .await
+    .map_err(|e| ApiError {
+        message: format!("service {}: {}", c.service, e.message),
+        ..e
+    })?;
     let mut row = st.store.get_container(id)?;
     row.docker_id = inv.docker_id.clone();
     row.name = inv.name.trim_start_matches('/').to_string();
@@ -835,6 +827,7 @@ async fn undo(st: &Arc<AppState>, rec: &ServiceRecord, ids: &[String], made: &Ma
     .await;
     for id in ids {
         let _ = st.store.delete_container(id);
+        crate::gateway::release_container(st, id);
     }
     for net in &made.networks {
         super::networks::destroy(st, net).await;
@@ -965,6 +958,7 @@ async fn take_down(st: &Arc<AppState>, rec: &ServiceRecord) -> ApiResult<()> {
         match r {
             Ok(()) => {
                 st.store.delete_container(&c.id)?;
+                crate::gateway::release_container(st, &c.id);
                 st.placement.release(&c.id);
                 st.events.container_stopped(c);
             }
