@@ -16,7 +16,7 @@ use kisara_api::agent::{AgentMessage, Reply, Secret};
 use kisara_api::{codes, ErrorBody, Protocol, NODE_ID_HEADER};
 use kisara_tunnel::relay::Accounting;
 use kisara_tunnel::udp::Duplex;
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// How long connecting to the container or to the server may take.
@@ -214,7 +214,7 @@ pub async fn open(
             } else {
                 (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
             };
-            let sock = match UdpSocket::bind(bind).await {
+            let sock = match kisara_tunnel::udp::bind(bind).await {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = tx.send(answer(Err(format!("UDP socket: {e}")))).await;

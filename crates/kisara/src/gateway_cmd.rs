@@ -21,7 +21,7 @@ use kisara_api::agent::Secret;
 use kisara_api::{GatewayPort, Protocol};
 use kisara_tunnel::relay::Accounting;
 use kisara_tunnel::udp::{UdpOptions, Upstream};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 
 use crate::cli::ClientArgs;
 
@@ -138,7 +138,7 @@ async fn open(
             tokio::spawn(accept_tcp(listener, dialer, path))
         }
         Protocol::Udp => {
-            let socket = Arc::new(UdpSocket::bind(addr).await?);
+            let socket = Arc::new(kisara_tunnel::udp::bind(addr).await?);
             tokio::spawn(async move {
                 let r = kisara_tunnel::udp::serve(socket, opts, Accounting::default(), move |_| {
                     let dialer = dialer.clone();

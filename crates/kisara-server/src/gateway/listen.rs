@@ -27,7 +27,7 @@ pub async fn open(st: &Arc<AppState>, lease: &Lease) -> io::Result<()> {
             tokio::spawn(accept_tcp(weak, listener, route))
         }
         Protocol::Udp => {
-            let socket = Arc::new(UdpSocket::bind(addr).await?);
+            let socket = Arc::new(kisara_tunnel::udp::bind(addr).await?);
             tokio::spawn(serve_udp(weak, socket, route))
         }
     };
@@ -164,7 +164,7 @@ async fn serve_udp(st: std::sync::Weak<AppState>, socket: Arc<UdpSocket>, route:
                 } else {
                     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
                 };
-                let s = UdpSocket::bind(bind).await?;
+                let s = kisara_tunnel::udp::bind(bind).await?;
                 s.connect(target).await?;
                 Ok(Upstream::Socket(s))
             } else {
@@ -197,7 +197,7 @@ pub(super) async fn serve_udp_stream<V: Duplex + 'static>(
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let s = UdpSocket::bind(bind).await?;
+        let s = kisara_tunnel::udp::bind(bind).await?;
         s.connect(target).await?;
         kisara_tunnel::udp::stream_to_connected(stream, s, st.gateway.settings.udp_idle, &acct)
             .await
