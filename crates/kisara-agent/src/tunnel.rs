@@ -60,7 +60,10 @@ impl Dialer {
         tls: Option<Arc<rustls::ClientConfig>>,
         token: &Secret,
     ) -> Option<Dialer> {
-        let auth = vec![("Authorization", Secret(format!("Bearer {}", token.expose())))];
+        let auth = vec![(
+            "Authorization",
+            Secret(format!("Bearer {}", token.expose())),
+        )];
         Self::with_auth(server_url, tls, auth)
     }
 

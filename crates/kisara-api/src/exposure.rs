@@ -155,7 +155,9 @@ pub struct Traffic {
 /// A public port a standalone gateway (`kisara gateway`) listens on
 /// (`GET /v1/gateway/ports`); its visitors are relayed to the server through
 /// `GET /v1/gateway/relay/{protocol}/{port}`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub struct GatewayPort {
     pub protocol: Protocol,
     pub port: u16,

@@ -62,8 +62,7 @@ pub async fn run(client: ClientArgs, args: GatewayArgs) -> Result<()> {
     );
     let mut builder = kisara_client::Client::builder(&client.url).token(token.expose());
     if let Some(ca) = &client.ca {
-        let pem =
-            std::fs::read(ca).with_context(|| format!("CA certificate {}", ca.display()))?;
+        let pem = std::fs::read(ca).with_context(|| format!("CA certificate {}", ca.display()))?;
         builder = builder.ca_pem(pem);
     }
     let api = builder.build().context("client for the server")?;

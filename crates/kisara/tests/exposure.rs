@@ -371,7 +371,8 @@ impl Drop for Child {
 async fn a_standalone_gateway_serves_the_ports_through_the_server() {
     let gw = port_block(13);
     // The server leases gateway ports but binds none: `kisara gateway` does.
-    let toml = config(gw, port_block(14)).replace("udp_idle_secs = 5", "udp_idle_secs = 5\nlisten = false");
+    let toml = config(gw, port_block(14))
+        .replace("udp_idle_secs = 5", "udp_idle_secs = 5\nlisten = false");
     let cl = TestCluster::start_with(&toml).await;
     let gateway = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
@@ -420,9 +421,10 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
 
     // Stopped: the gateway closes the port within a few polls.
     cl.client.stop(&c.id).await.expect("stop");
-    poll_until("the standalone gateway closed the stopped container's port", || async {
-        !tcp_open(tcp).await
-    })
+    poll_until(
+        "the standalone gateway closed the stopped container's port",
+        || async { !tcp_open(tcp).await },
+    )
     .await;
     drop(gateway);
     cl.stop().await;
@@ -446,7 +448,10 @@ async fn a_standalone_gateway_refuses_a_bad_token_at_once() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("gateway ports"), "{err}");
-    assert!(!err.contains("not-the-token"), "the token was printed: {err}");
+    assert!(
+        !err.contains("not-the-token"),
+        "the token was printed: {err}"
+    );
     cl.stop().await;
 }
 
@@ -463,7 +468,10 @@ async fn source(port: u16) -> TcpStream {
                 return s;
             }
         }
-        assert!(Instant::now() < deadline, "the source on {port} never answered");
+        assert!(
+            Instant::now() < deadline,
+            "the source on {port} never answered"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -519,7 +527,10 @@ async fn a_per_instance_bandwidth_cap_holds_the_rate() {
         got += n;
     }
     let free_rate = got as f64 / start.elapsed().as_secs_f64();
-    assert!(free_rate > CAP * 4.0, "uncapped ran at only {free_rate:.0} B/s");
+    assert!(
+        free_rate > CAP * 4.0,
+        "uncapped ran at only {free_rate:.0} B/s"
+    );
     drop((s, f));
     cl.client.stop(&c.id).await.expect("stop");
     cl.client.stop(&free.id).await.expect("stop");
@@ -540,7 +551,11 @@ async fn a_services_ports_are_leased_from_the_range_and_released_with_it() {
     };
     let s = cl.client.launch_service(&req).await.expect("service up");
     let p = &s.containers[0].ports[0];
-    assert!((host.0..=host.1).contains(&p.public_port), "{:?}", s.containers[0].ports);
+    assert!(
+        (host.0..=host.1).contains(&p.public_port),
+        "{:?}",
+        s.containers[0].ports
+    );
     let leases = cl.server.state().store.list_leases().unwrap();
     assert!(
         leases
@@ -556,9 +571,16 @@ async fn a_services_ports_are_leased_from_the_range_and_released_with_it() {
         "leases left after the service went"
     );
     // The port is free again and the next service gets it.
-    let again = cl.client.launch_service(&req).await.expect("service up again");
+    let again = cl
+        .client
+        .launch_service(&req)
+        .await
+        .expect("service up again");
     assert_eq!(again.containers[0].ports[0].public_port, port);
-    cl.client.remove_service(&again.id).await.expect("service down");
+    cl.client
+        .remove_service(&again.id)
+        .await
+        .expect("service down");
     cl.assert_clean().await;
     cl.stop().await;
 }
