@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 mod fetch;
 pub mod isolation;
-mod tunnel;
+pub mod tunnel;
 
 /// How the agent joins and what it advertises.
 #[derive(Debug, Clone)]
@@ -122,26 +122,7 @@ impl Agent {
 
     /// Trusts, for an `https://` server, only certificates signed by the CA in `path` (PEM).
     pub fn with_ca_file(mut self, path: &std::path::Path) -> Result<Self, AgentError> {
-        use rustls_pki_types::pem::PemObject;
-        let err = |reason: String| AgentError::Ca {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in
-            rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))?
-        {
-            roots
-                .add(cert.map_err(|e| err(e.to_string()))?)
-                .map_err(|e| err(e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(err("no certificate in it".into()));
-        }
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        self.tls = Some(Arc::new(config));
+        self.tls = Some(tls_trusting(path)?);
         self.ca_pem = std::fs::read(path).ok();
         Ok(self)
     }
@@ -626,4 +607,29 @@ async fn forward<T: Serialize>(
         }
     }
     let _ = tx.send(AgentMessage::StreamEnd { id, error: None }).await;
+}
+
+/// A TLS client configuration that trusts only the CA certificates in `path` (PEM).
+pub fn tls_trusting(path: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, AgentError> {
+    use rustls_pki_types::pem::PemObject;
+    let err = |reason: String| AgentError::Ca {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))?
+    {
+        roots
+            .add(cert.map_err(|e| err(e.to_string()))?)
+            .map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no certificate in it".into()));
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
 }

@@ -16,7 +16,7 @@ use kisara_api::agent::{AgentMessage, Reply, Secret};
 use kisara_api::{codes, ErrorBody, Protocol, NODE_ID_HEADER};
 use kisara_tunnel::relay::Accounting;
 use kisara_tunnel::udp::Duplex;
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// How long connecting to the container or to the server may take.
@@ -34,17 +34,43 @@ pub struct Dialer {
         rustls_pki_types::ServerName<'static>,
         Arc<rustls::ClientConfig>,
     )>,
-    node_id: String,
-    credential: Option<Secret>,
+    /// Headers that authenticate the caller (a credential among them: never logged).
+    auth: Vec<(&'static str, Secret)>,
 }
 
 impl Dialer {
-    /// `server_url` is the agent's `http(s)://host:port` (or `ws(s)://`).
+    /// `server_url` is the agent's `http(s)://host:port` (or `ws(s)://`); the agent presents
+    /// its node id and credential.
     pub fn new(
         server_url: &str,
         tls: Option<Arc<rustls::ClientConfig>>,
         node_id: String,
         credential: Option<Secret>,
+    ) -> Option<Dialer> {
+        let mut auth = vec![(NODE_ID_HEADER, Secret(node_id))];
+        if let Some(c) = credential {
+            auth.push(("Authorization", Secret(format!("Bearer {}", c.expose()))));
+        }
+        Self::with_auth(server_url, tls, auth)
+    }
+
+    /// A dialer that presents a bearer token (a standalone `kisara gateway`).
+    pub fn with_bearer(
+        server_url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        token: &Secret,
+    ) -> Option<Dialer> {
+        let auth = vec![(
+            "Authorization",
+            Secret(format!("Bearer {}", token.expose())),
+        )];
+        Self::with_auth(server_url, tls, auth)
+    }
+
+    fn with_auth(
+        server_url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        auth: Vec<(&'static str, Secret)>,
     ) -> Option<Dialer> {
         let url = server_url.trim_end_matches('/');
         let (secure, rest) = if let Some(r) = url.strip_prefix("https://") {
@@ -92,28 +118,19 @@ impl Dialer {
         Some(Dialer {
             authority,
             tls,
-            node_id,
-            credential,
+            auth,
         })
     }
 
-    /// Opens the data connection of tunnel `id`.
-    async fn dial(&self, id: &str) -> Result<Box<dyn Duplex>, String> {
+    /// Opens a data connection: `GET path` upgraded to raw bytes (`/v1/agent/tunnel/{id}` for
+    /// an agent, `/v1/gateway/relay/...` for a standalone gateway).
+    pub async fn dial(&self, path: &str) -> Result<Box<dyn Duplex>, String> {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.authority))
             .await
             .map_err(|_| format!("connecting to the server at {} timed out", self.authority))?
             .map_err(|e| format!("connecting to the server at {}: {e}", self.authority))?;
         let _ = tcp.set_nodelay(true);
-        let bearer = self
-            .credential
-            .as_ref()
-            .map(|c| format!("Bearer {}", c.expose()))
-            .unwrap_or_default();
-        let headers = [
-            ("Authorization", bearer.as_str()),
-            (NODE_ID_HEADER, self.node_id.as_str()),
-        ];
-        let path = format!("/v1/agent/tunnel/{id}");
+        let headers: Vec<(&str, &str)> = self.auth.iter().map(|(k, v)| (*k, v.expose())).collect();
         let mut stream: Box<dyn Duplex> = match &self.tls {
             Some((name, config)) => {
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
@@ -127,7 +144,7 @@ impl Dialer {
         };
         tokio::time::timeout(
             CONNECT_TIMEOUT,
-            kisara_tunnel::upgrade::request(&mut stream, &self.authority, &path, &headers),
+            kisara_tunnel::upgrade::request(&mut stream, &self.authority, path, &headers),
         )
         .await
         .map_err(|_| "the server did not answer the tunnel".to_string())?
@@ -180,7 +197,7 @@ pub async fn open(
                     }
                 };
             let _ = upstream.set_nodelay(true);
-            let data = match dialer.dial(&tunnel_id).await {
+            let data = match dialer.dial(&format!("/v1/agent/tunnel/{tunnel_id}")).await {
                 Ok(d) => d,
                 Err(e) => {
                     let _ = tx.send(answer(Err(e))).await;
@@ -200,7 +217,7 @@ pub async fn open(
             } else {
                 (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
             };
-            let sock = match UdpSocket::bind(bind).await {
+            let sock = match kisara_tunnel::udp::bind(bind).await {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = tx.send(answer(Err(format!("UDP socket: {e}")))).await;
@@ -213,7 +230,7 @@ pub async fn open(
                     .await;
                 return;
             }
-            let data = match dialer.dial(&tunnel_id).await {
+            let data = match dialer.dial(&format!("/v1/agent/tunnel/{tunnel_id}")).await {
                 Ok(d) => d,
                 Err(e) => {
                     let _ = tx.send(answer(Err(e))).await;

@@ -9,6 +9,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::Protocol;
 use utoipa::ToSchema;
 
 /// How a container's ports are exposed.
@@ -148,6 +150,17 @@ pub struct Traffic {
     pub bytes_out: u64,
     /// Visitor connections (TCP) or sessions (UDP) open now.
     pub connections: u64,
+}
+
+/// A public port a standalone gateway (`kisara gateway`) listens on
+/// (`GET /v1/gateway/ports`); its visitors are relayed to the server through
+/// `GET /v1/gateway/relay/{protocol}/{port}`.
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+pub struct GatewayPort {
+    pub protocol: Protocol,
+    pub port: u16,
 }
 
 /// How a node exposes ports, as its agent announces in its hello.

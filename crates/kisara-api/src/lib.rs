@@ -24,7 +24,7 @@ pub use events::{
     CreateWebhookRequest, DeliveryAttempt, DeliveryState, Event, EventFilter, EventQuery, Webhook,
     WebhookDelivery,
 };
-pub use exposure::{ExposeMode, NodeExposure, PortRange, Traffic};
+pub use exposure::{ExposeMode, GatewayPort, NodeExposure, PortRange, Traffic};
 pub use image::*;
 pub use instance::*;
 pub use network::*;

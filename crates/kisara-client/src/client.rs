@@ -283,6 +283,14 @@ impl Client {
             .await
     }
 
+    // --- gateway -------------------------------------------------------------------------
+
+    /// The gateway role's public ports (what a standalone `kisara gateway` listens on).
+    pub async fn gateway_ports(&self) -> Result<Vec<kisara_api::GatewayPort>> {
+        self.json(self.req(Method::GET, &["v1", "gateway", "ports"])?)
+            .await
+    }
+
     // --- nodes ---------------------------------------------------------------------------
 
     pub async fn list_nodes(&self) -> Result<ListResponse<Node>> {

@@ -17,6 +17,7 @@
 //! port_range = "20000-29999"
 //! public_address = "ctf.example.org"
 //! udp_idle_secs = 60
+//! listen = true                  # false: a separate `kisara gateway` process listens
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -47,6 +48,10 @@ pub struct GatewaySection {
     pub public_address: Option<String>,
     /// A UDP visitor silent this long loses its session (default 60).
     pub udp_idle_secs: Option<u64>,
+    /// Whether the server itself listens on the gateway's public ports (default true). With
+    /// `false` the server still leases them and carries their traffic to the nodes, while
+    /// standalone `kisara gateway` processes listen and relay visitors to it.
+    pub listen: Option<bool>,
 }
 
 /// The gateway role, resolved.
@@ -57,6 +62,8 @@ pub struct GatewaySettings {
     pub port_range: PortRange,
     pub public_address: String,
     pub udp_idle: Duration,
+    /// The server opens the public listeners itself (else `kisara gateway` does).
+    pub listen: bool,
 }
 
 /// Exposure as the server runs it.
@@ -115,6 +122,7 @@ pub fn resolve(
             port_range: gw.port_range.unwrap_or(DEFAULT_GATEWAY_RANGE),
             public_address,
             udp_idle: Duration::from_secs(udp_idle_secs),
+            listen: gw.listen.unwrap_or(true),
         },
     })
 }

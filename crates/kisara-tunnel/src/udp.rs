@@ -19,6 +19,26 @@ use tokio::time::Instant;
 use crate::frame::{read_datagram, write_datagram};
 use crate::relay::{Accounting, Direction};
 
+/// Socket buffers of the exposure's UDP sockets: a burst of datagrams queues in the kernel
+/// instead of being dropped while the relay task is between reads (the kernel caps the value at
+/// `net.core.rmem_max`/`wmem_max`).
+const UDP_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Enlarges a UDP socket's receive and send buffers (best effort: a smaller kernel limit is
+/// not an error).
+pub fn tune(sock: &UdpSocket) {
+    let s = socket2::SockRef::from(sock);
+    let _ = s.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_SOCKET_BUFFER);
+}
+
+/// Binds a UDP socket on `addr` with [`tune`]d buffers.
+pub async fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = UdpSocket::bind(addr).await?;
+    tune(&s);
+    Ok(s)
+}
+
 /// A byte stream a tunnel runs on.
 pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
@@ -264,7 +284,7 @@ pub async fn stream_to_socket<S: Duplex>(
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let sock = UdpSocket::bind(bind).await?;
+    let sock = self::bind(bind).await?;
     sock.connect(target).await?;
     stream_to_connected(stream, sock, idle, acct).await
 }

@@ -74,7 +74,7 @@ pub struct NodeArgs {
     config: Option<PathBuf>,
 }
 
-fn init_tracing() {
+pub(crate) fn init_tracing() {
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("KISARA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Libraries that log request bodies stay at info whatever KISARA_LOG says: the bodies
@@ -102,7 +102,7 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
 }
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
-async fn stop_signal() {
+pub(crate) async fn stop_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -7,6 +7,7 @@ mod bundle_cmd;
 mod cert;
 mod cli;
 mod daemon;
+mod gateway_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +31,9 @@ enum Command {
     /// Run a node agent (`kisara node --server URL --join-token T`), or inspect nodes
     /// (`kisara node ls|inspect`).
     Node(NodeCli),
+    /// Serve the gateway's public ports for a server (`--url`, admin `--token`) from this
+    /// machine; run the server with `[gateway] listen = false`.
+    Gateway(gateway_cmd::GatewayArgs),
     /// Build a bundle (cluster image) from a Kisarafile.
     Build(bundle_cmd::BuildArgs),
     /// Write a bundle to a file (an OCI image layout in a tar, optionally zstd).
@@ -81,6 +85,7 @@ fn main() {
             Command::Node(NodeCli { agent, .. }) => {
                 daemon::node(agent, cli.client.ca.clone()).await.map(|_| 0)
             }
+            Command::Gateway(a) => gateway_cmd::run(cli.client, a).await.map(|_| 0),
             Command::Build(a) => bundle_cmd::build(cli.client, a).await,
             Command::Save(a) => bundle_cmd::save(cli.client, a).await,
             Command::Load(a) => bundle_cmd::load(cli.client, a).await,

@@ -356,3 +356,231 @@ async fn bad_exposure_requests_are_refused_before_anything_is_made() {
     cl.assert_clean().await;
     cl.stop().await;
 }
+
+/// A child process killed when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_standalone_gateway_serves_the_ports_through_the_server() {
+    let gw = port_block(13);
+    // The server leases gateway ports but binds none: `kisara gateway` does.
+    let toml = config(gw, port_block(14))
+        .replace("udp_idle_secs = 5", "udp_idle_secs = 5\nlisten = false");
+    let cl = TestCluster::start_with(&toml).await;
+    let gateway = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
+            .args([
+                "gateway",
+                "--url",
+                &cl.url,
+                "--listen-host",
+                "127.0.0.1",
+                "--poll-ms",
+                "200",
+            ])
+            .env("KISARA_TOKEN", &cl.token)
+            .env("KISARA_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("kisara gateway starts"),
+    );
+    let c = cl
+        .client
+        .launch(&echo_request(ExposeMode::Gateway))
+        .await
+        .expect("launch");
+    let (tcp, udp) = (port_of(&c, Protocol::Tcp), port_of(&c, Protocol::Udp));
+    assert!((gw.0..=gw.1).contains(&tcp), "{:?}", c.ports);
+    assert!(
+        cl.server.state().gateway.listening().is_empty(),
+        "the server bound gateway ports although listen = false"
+    );
+    // Visitor → kisara gateway → server relay → agent tunnel → container.
+    assert_eq!(
+        tcp_echo(tcp, b"through the standalone gateway\n").await,
+        b"through the standalone gateway\n"
+    );
+    let big: Vec<u8> = (0..1200u32).map(|i| (i * 7) as u8).collect();
+    assert_eq!(udp_echo(udp, &big).await, big);
+    // The server counted what the gateway relayed.
+    let t = cl
+        .client
+        .container(&c.id)
+        .await
+        .expect("inspect")
+        .traffic
+        .expect("traffic counted");
+    assert!(t.bytes_in >= 31 + 1200 && t.bytes_out >= 31 + 1200, "{t:?}");
+
+    // Stopped: the gateway closes the port within a few polls.
+    cl.client.stop(&c.id).await.expect("stop");
+    poll_until(
+        "the standalone gateway closed the stopped container's port",
+        || async { !tcp_open(tcp).await },
+    )
+    .await;
+    drop(gateway);
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn a_standalone_gateway_refuses_a_bad_token_at_once() {
+    let cl = TestCluster::start_with(&config(port_block(15), port_block(16))).await;
+    let out = tokio::task::spawn_blocking({
+        let url = cl.url.clone();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
+                .args(["gateway", "--url", &url, "--listen-host", "127.0.0.1"])
+                .env("KISARA_TOKEN", "not-the-token")
+                .output()
+                .expect("runs")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gateway ports"), "{err}");
+    assert!(
+        !err.contains("not-the-token"),
+        "the token was printed: {err}"
+    );
+    cl.stop().await;
+}
+
+/// A connection to a `kfix tcp-source` that has sent its first byte (retried while the
+/// container's program starts, bounded).
+async fn source(port: u16) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
+            let mut first = [0u8; 1];
+            if let Ok(Ok(1)) =
+                tokio::time::timeout(Duration::from_secs(2), s.read(&mut first)).await
+            {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source on {port} never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_per_instance_bandwidth_cap_holds_the_rate() {
+    let cl = TestCluster::start_with(&config(port_block(17), port_block(18))).await;
+    cl.server.state().gateway.add_direct_node("local");
+    // 1,600 kbit/s = 200,000 bytes/s each way.
+    const CAP: f64 = 200_000.0;
+    let mut req = echo_request(ExposeMode::Gateway);
+    req.cmd = Some(vec!["kfix".into(), "tcp-source".into(), "80".into()]);
+    req.ports = vec!["80/tcp".into()];
+    req.bandwidth_kbps = Some(1600);
+    let c = cl.client.launch(&req).await.expect("launch");
+    let port = port_of(&c, Protocol::Tcp);
+    // The source writes zeros as fast as it can; the visitor reads 600 KB and times it.
+    let mut s = source(port).await;
+    // Let the bucket's burst (a quarter second) drain first, then measure.
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut drained = 0usize;
+    while drained < 100_000 {
+        drained += s.read(&mut buf).await.expect("read");
+    }
+    let start = Instant::now();
+    let mut got = 0usize;
+    while got < 600_000 {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the stream stalled")
+            .expect("read");
+        assert!(n > 0, "the stream ended early");
+        got += n;
+    }
+    let rate = got as f64 / start.elapsed().as_secs_f64();
+    assert!(
+        (CAP * 0.6..=CAP * 1.25).contains(&rate),
+        "measured {rate:.0} B/s against a cap of {CAP} B/s"
+    );
+    // An uncapped instance on the same gateway runs far faster: the cap is the instance's.
+    req.bandwidth_kbps = None;
+    let free = cl.client.launch(&req).await.expect("launch uncapped");
+    let fport = port_of(&free, Protocol::Tcp);
+    let mut f = source(fport).await;
+    let start = Instant::now();
+    let mut got = 0usize;
+    while got < 4_000_000 {
+        let n = tokio::time::timeout(Duration::from_secs(10), f.read(&mut buf))
+            .await
+            .expect("the uncapped stream stalled")
+            .expect("read");
+        assert!(n > 0);
+        got += n;
+    }
+    let free_rate = got as f64 / start.elapsed().as_secs_f64();
+    assert!(
+        free_rate > CAP * 4.0,
+        "uncapped ran at only {free_rate:.0} B/s"
+    );
+    drop((s, f));
+    cl.client.stop(&c.id).await.expect("stop");
+    cl.client.stop(&free.id).await.expect("stop");
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn a_services_ports_are_leased_from_the_range_and_released_with_it() {
+    let host = port_block(19);
+    let cl = TestCluster::start_with(&config(port_block(20), host)).await;
+    let compose = format!(
+        "name: leased\nservices:\n  echo:\n    image: {FIXTURE}\n    command: [\"kfix\", \"tcp-echo\", \"80\"]\n    ports: [\"80\"]\n"
+    );
+    let req = kisara_api::ServiceRequest {
+        compose: Some(compose),
+        owner: Some("team1".into()),
+        ..Default::default()
+    };
+    let s = cl.client.launch_service(&req).await.expect("service up");
+    let p = &s.containers[0].ports[0];
+    assert!(
+        (host.0..=host.1).contains(&p.public_port),
+        "{:?}",
+        s.containers[0].ports
+    );
+    let leases = cl.server.state().store.list_leases().unwrap();
+    assert!(
+        leases
+            .iter()
+            .any(|l| l.port == p.public_port && l.service_id.as_deref() == Some(s.id.as_str())),
+        "no lease for the service's port: {leases:?}"
+    );
+    assert_eq!(tcp_echo(p.public_port, b"svc\n").await, b"svc\n");
+    let port = p.public_port;
+    cl.client.remove_service(&s.id).await.expect("service down");
+    assert!(
+        cl.server.state().store.list_leases().unwrap().is_empty(),
+        "leases left after the service went"
+    );
+    // The port is free again and the next service gets it.
+    let again = cl
+        .client
+        .launch_service(&req)
+        .await
+        .expect("service up again");
+    assert_eq!(again.containers[0].ports[0].public_port, port);
+    cl.client
+        .remove_service(&again.id)
+        .await
+        .expect("service down");
+    cl.assert_clean().await;
+    cl.stop().await;
+}

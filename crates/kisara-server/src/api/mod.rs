@@ -160,6 +160,12 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
     let protected = protected
         .route("/v1/openapi.json", get(crate::openapi::serve))
         .route("/metrics", get(crate::metrics::serve))
+        // Standalone gateways (`kisara gateway`, admin token): their ports and visitors.
+        .route("/v1/gateway/ports", get(crate::gateway::relay::ports))
+        .route(
+            "/v1/gateway/relay/{protocol}/{port}",
+            get(crate::gateway::relay::relay),
+        )
         // Timed per route template, inside the token check.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -717,28 +717,20 @@ async fn launch_one(
     if let Some(rendered) = flags {
         crate::flags::apply(&mut config, rendered);
     }
-    let reply = st
-        .hub
-        .call(
-            &ctx.node_id,
-            Operation::Launch {
-                config: Box::new(config),
-            },
-            LAUNCH_TIMEOUT,
-        )
-        .await
-        .map_err(|e| ApiError {
-            message: format!("service {}: {}", c.service, e.message),
-            ..e
-        })?;
-    let inv = match reply {
-        Reply::Launched(inv) => inv,
-        other => {
-            return Err(ApiError::internal(format!(
-                "unexpected reply to launch: {other:?}"
-            )))
-        }
-    };
+    // Published ports are leased host ports (released with the container or the service).
+    let inv = crate::gateway::launch::launch_service_container(
+        st,
+        &ctx.node_id,
+        &ctx.service_id,
+        id,
+        &mut config,
+        LAUNCH_TIMEOUT,
+    )
+    .await
+    .map_err(|e| ApiError {
+        message: format!("service {}: {}", c.service, e.message),
+        ..e
+    })?;
     let mut row = st.store.get_container(id)?;
     row.docker_id = inv.docker_id.clone();
     row.name = inv.name.trim_start_matches('/').to_string();
@@ -946,6 +938,7 @@ async fn undo(st: &Arc<AppState>, rec: &ServiceRecord, ids: &[String], made: &Ma
     .await;
     for id in ids {
         let _ = st.store.delete_container(id);
+        crate::gateway::release_container(st, id);
     }
     for net in &made.networks {
         super::networks::destroy(st, net).await;
@@ -1115,6 +1108,7 @@ pub(crate) async fn take_down(st: &Arc<AppState>, rec: &ServiceRecord) -> ApiRes
         match r {
             Ok(()) => {
                 st.store.delete_container(&c.id)?;
+                crate::gateway::release_container(st, &c.id);
                 st.placement.release(&c.id);
                 st.events.container_stopped(c);
             }

@@ -129,71 +129,128 @@ pub async fn launch(
             Ok((inv, bindings))
         }
         ExposeMode::Host => {
-            let range = session
-                .hello
-                .exposure
-                .port_range
-                .unwrap_or(st.settings.exposure.host_port_range);
-            let scope = kisara_store::node_scope(&node_id);
-            let mut avoid: BTreeMap<Protocol, Vec<u16>> = BTreeMap::new();
-            for _ in 0..MAX_PORT_RETRIES {
-                let reqs = lease_requests(
-                    &scope,
-                    ExposeMode::Host,
-                    &node_id,
-                    container_id,
-                    &ports,
-                    req.bandwidth_kbps,
-                    &avoid,
-                );
-                let leases = st.store.lease_ports(range, &reqs, now())?;
-                config.host_ports = leases
-                    .iter()
-                    .map(|l| {
-                        (
-                            PortSpec {
-                                port: l.container_port,
-                                protocol: l.protocol,
-                            }
-                            .to_string(),
-                            l.port,
-                        )
-                    })
-                    .collect();
-                match call_launch(st, &node_id, config, timeout).await {
-                    Ok(inv) => {
-                        let bindings = host_bindings(&inv, &leases, &session.hello.public_address);
-                        return Ok((inv, bindings));
-                    }
-                    Err(e) if port_taken(&e.message) => {
-                        // Another program holds one of them: skip it and lease again.
-                        let named: Vec<&Lease> = leases
-                            .iter()
-                            .filter(|l| e.message.contains(&format!(":{}", l.port)))
-                            .collect();
-                        let skip: Vec<&Lease> = if named.is_empty() {
-                            leases.iter().collect()
-                        } else {
-                            named
-                        };
-                        for l in skip {
-                            avoid.entry(l.protocol).or_default().push(l.port);
-                        }
-                        tracing::info!(node = %node_id, avoid = ?avoid, "host port taken by another program; leasing the next");
-                        release(st, &leases);
-                    }
-                    Err(e) => {
-                        release(st, &leases);
-                        return Err(e);
-                    }
-                }
-            }
-            Err(ApiError::exhausted(format!(
-                "node {}: every host port tried in {range} is held by another program",
-                session.hello.name
-            )))
+            let (inv, leases) = launch_host(
+                st,
+                session,
+                container_id,
+                None,
+                req.bandwidth_kbps,
+                config,
+                timeout,
+            )
+            .await?;
+            let bindings = host_bindings(&inv, &leases, &session.hello.public_address);
+            Ok((inv, bindings))
         }
     }
+}
+
+/// A service's container: its ports on host ports leased from its node's range (carrying the
+/// service's id), so no port is handed out twice and they go back when the service goes.
+pub async fn launch_service_container(
+    st: &std::sync::Arc<AppState>,
+    node_id: &str,
+    service_id: &str,
+    container_id: &str,
+    config: &mut ContainerConfig,
+    timeout: Duration,
+) -> ApiResult<InventoryContainer> {
+    if config.ports.is_empty() {
+        return call_launch(st, node_id, config, timeout).await;
+    }
+    let session = st
+        .hub
+        .get(node_id)
+        .ok_or_else(|| ApiError::node_unavailable(format!("node {node_id} is not connected")))?;
+    let (inv, _) = launch_host(
+        st,
+        &session,
+        container_id,
+        Some(service_id),
+        None,
+        config,
+        timeout,
+    )
+    .await?;
+    Ok(inv)
+}
+
+/// Host mode: leases host ports of the node and has its engine publish exactly those; a port
+/// another program holds is skipped and the next one leased. Nothing stays leased on failure.
+async fn launch_host(
+    st: &std::sync::Arc<AppState>,
+    session: &NodeSession,
+    container_id: &str,
+    service_id: Option<&str>,
+    rate_kbps: Option<u64>,
+    config: &mut ContainerConfig,
+    timeout: Duration,
+) -> ApiResult<(InventoryContainer, Vec<Lease>)> {
+    let node_id = session.node_id.clone();
+    let ports = config.ports.clone();
+    let range = session
+        .hello
+        .exposure
+        .port_range
+        .unwrap_or(st.settings.exposure.host_port_range);
+    let scope = kisara_store::node_scope(&node_id);
+    let mut avoid: BTreeMap<Protocol, Vec<u16>> = BTreeMap::new();
+    for _ in 0..MAX_PORT_RETRIES {
+        let mut reqs = lease_requests(
+            &scope,
+            ExposeMode::Host,
+            &node_id,
+            container_id,
+            &ports,
+            rate_kbps,
+            &avoid,
+        );
+        for r in &mut reqs {
+            r.service_id = service_id.map(str::to_string);
+        }
+        let leases = st.store.lease_ports(range, &reqs, now())?;
+        config.host_ports = leases
+            .iter()
+            .map(|l| {
+                (
+                    PortSpec {
+                        port: l.container_port,
+                        protocol: l.protocol,
+                    }
+                    .to_string(),
+                    l.port,
+                )
+            })
+            .collect();
+        match call_launch(st, &node_id, config, timeout).await {
+            Ok(inv) => return Ok((inv, leases)),
+            Err(e) if port_taken(&e.message) => {
+                // Another program holds one of them: skip it and lease again.
+                let named: Vec<&Lease> = leases
+                    .iter()
+                    .filter(|l| e.message.contains(&format!(":{}", l.port)))
+                    .collect();
+                let skip: Vec<&Lease> = if named.is_empty() {
+                    leases.iter().collect()
+                } else {
+                    named
+                };
+                for l in skip {
+                    avoid.entry(l.protocol).or_default().push(l.port);
+                }
+                tracing::info!(node = %node_id, avoid = ?avoid, "host port taken by another program; leasing the next");
+                release(st, &leases);
+            }
+            Err(e) => {
+                release(st, &leases);
+                return Err(e);
+            }
+        }
+    }
+    Err(ApiError::exhausted(format!(
+        "node {}: every host port tried in {range} is held by another program",
+        session.hello.name
+    )))
 }
 
 /// Leases gateway ports and opens their listeners; a port some other program holds on the
@@ -219,6 +276,10 @@ async fn lease_gateway(
         );
         let leases = st.store.lease_ports(range, &reqs, now())?;
         st.gateway.set_instance_cap(container_id, rate_kbps);
+        if !st.gateway.settings.listen {
+            // Standalone gateways listen (they poll the leases); nothing to bind here.
+            return Ok(leases);
+        }
         let mut failed = None;
         for l in &leases {
             if let Err(e) = super::listen::open(st, l).await {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kisara_api::{ContainerState, Protocol};
 use kisara_store::Lease;
-use kisara_tunnel::udp::{UdpOptions, Upstream};
+use kisara_tunnel::udp::{Duplex, UdpOptions, Upstream};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::Listener;
@@ -19,12 +19,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Binds the lease's public port and serves it until the listener is dropped.
 pub async fn open(st: &Arc<AppState>, lease: &Lease) -> io::Result<()> {
     let addr = SocketAddr::new(st.gateway.settings.listen_host, lease.port);
-    let route = Arc::new(Route {
-        container_id: lease.container_id.clone().unwrap_or_default(),
-        node_id: lease.node_id.clone(),
-        container_port: lease.container_port,
-        protocol: lease.protocol,
-    });
+    let route = Arc::new(Route::of(lease));
     let weak = Arc::downgrade(st);
     let task = match lease.protocol {
         Protocol::Tcp => {
@@ -32,7 +27,7 @@ pub async fn open(st: &Arc<AppState>, lease: &Lease) -> io::Result<()> {
             tokio::spawn(accept_tcp(weak, listener, route))
         }
         Protocol::Udp => {
-            let socket = Arc::new(UdpSocket::bind(addr).await?);
+            let socket = Arc::new(kisara_tunnel::udp::bind(addr).await?);
             tokio::spawn(serve_udp(weak, socket, route))
         }
     };
@@ -47,15 +42,26 @@ pub async fn open(st: &Arc<AppState>, lease: &Lease) -> io::Result<()> {
 }
 
 /// Where a listener's visitors go.
-struct Route {
-    container_id: String,
-    node_id: String,
-    container_port: u16,
-    protocol: Protocol,
+pub(super) struct Route {
+    pub container_id: String,
+    pub node_id: String,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
+impl Route {
+    pub fn of(lease: &Lease) -> Route {
+        Route {
+            container_id: lease.container_id.clone().unwrap_or_default(),
+            node_id: lease.node_id.clone(),
+            container_port: lease.container_port,
+            protocol: lease.protocol,
+        }
+    }
 }
 
 /// The container's node (id and name) and private `ip:port`, if it can be served now.
-fn resolve(st: &AppState, route: &Route) -> io::Result<(String, String, SocketAddr)> {
+pub(super) fn resolve(st: &AppState, route: &Route) -> io::Result<(String, String, SocketAddr)> {
     let c = st
         .store
         .get_container(&route.container_id)
@@ -110,7 +116,13 @@ async fn accept_tcp(st: std::sync::Weak<AppState>, listener: TcpListener, route:
     }
 }
 
-async fn serve_tcp(st: &Arc<AppState>, visitor: TcpStream, route: &Route) -> io::Result<()> {
+/// Carries one visitor's byte stream (a TCP connection, or a standalone gateway's relayed
+/// one) to the container.
+pub(super) async fn serve_tcp<V: Duplex + 'static>(
+    st: &Arc<AppState>,
+    visitor: V,
+    route: &Route,
+) -> io::Result<()> {
     let (node_id, node_name, target) = resolve(st, route)?;
     let acct = st.gateway.accounting(st, &route.container_id, &node_id);
     let _open: Vec<_> = acct.meters.iter().map(|m| m.open_guard()).collect();
@@ -152,7 +164,7 @@ async fn serve_udp(st: std::sync::Weak<AppState>, socket: Arc<UdpSocket>, route:
                 } else {
                     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
                 };
-                let s = UdpSocket::bind(bind).await?;
+                let s = kisara_tunnel::udp::bind(bind).await?;
                 s.connect(target).await?;
                 Ok(Upstream::Socket(s))
             } else {
@@ -165,5 +177,33 @@ async fn serve_udp(st: std::sync::Weak<AppState>, socket: Arc<UdpSocket>, route:
     .await;
     if let Err(e) = r {
         tracing::warn!(error = %e, "gateway UDP listener failed");
+    }
+}
+
+/// One UDP visitor of a standalone gateway: framed datagrams on `stream`, carried to the
+/// container (straight from a socket of ours, or through the node's tunnel, which speaks the
+/// same framing).
+pub(super) async fn serve_udp_stream<V: Duplex + 'static>(
+    st: &Arc<AppState>,
+    stream: V,
+    route: &Route,
+) -> io::Result<()> {
+    let (node_id, node_name, target) = resolve(st, route)?;
+    let acct = st.gateway.accounting(st, &route.container_id, &node_id);
+    let _open: Vec<_> = acct.meters.iter().map(|m| m.open_guard()).collect();
+    if st.gateway.is_direct(&node_name) {
+        let bind: SocketAddr = if target.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let s = kisara_tunnel::udp::bind(bind).await?;
+        s.connect(target).await?;
+        kisara_tunnel::udp::stream_to_connected(stream, s, st.gateway.settings.udp_idle, &acct)
+            .await
+    } else {
+        let tunnel = super::tunnel::open(st, &node_id, &target.to_string(), Protocol::Udp).await?;
+        kisara_tunnel::relay(stream, tunnel, &acct).await?;
+        Ok(())
     }
 }

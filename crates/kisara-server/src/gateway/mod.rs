@@ -14,6 +14,7 @@
 
 pub mod launch;
 mod listen;
+pub mod relay;
 pub mod tunnel;
 
 use std::collections::{HashMap, HashSet};
@@ -279,7 +280,7 @@ pub async fn sweep(st: &Arc<AppState>) {
         }
         Err(e) => tracing::warn!(error = %e, "could not read port leases"),
     }
-    if !st.gateway.enabled() {
+    if !st.gateway.enabled() || !st.gateway.settings.listen {
         return;
     }
     let leases = match st.store.list_leases() {
