@@ -10,7 +10,7 @@
 //! written only after all its blobs are in, so a failed build or load leaves nothing behind but
 //! staging files that are removed with their stage.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -106,6 +106,17 @@ impl Bundle {
     pub fn size(&self) -> u64 {
         self.blobs().iter().map(|d| d.size).sum()
     }
+}
+
+/// A layer file of a bundle's images and the chain ids it sits at ([`Store::layer_chains`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerChains {
+    pub digest: Digest,
+    pub size: u64,
+    pub chains: Vec<String>,
+    /// Some image using it lists no diff ids: it is sent whatever the engine holds.
+    #[serde(default)]
+    pub always: bool,
 }
 
 /// A listing entry.
@@ -644,6 +655,66 @@ impl Store {
         b: &Bundle,
         only: Option<&[String]>,
     ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>)> {
+        self.images_tar_without(b, only, &HashSet::new())
+    }
+
+    /// Each distinct layer file of the bundle's images with the chain ids it sits at (see
+    /// `kisara_runtime::chain_ids`; from each image config's `rootfs.diff_ids`). A layer whose
+    /// chains an engine all holds need not be sent to it. An image whose config does not list
+    /// its diff ids gives its layers no chains, so they are always sent.
+    pub fn layer_chains(&self, b: &Bundle) -> Result<Vec<LayerChains>> {
+        #[derive(serde::Deserialize)]
+        struct Config {
+            #[serde(default)]
+            rootfs: Option<RootFs>,
+        }
+        #[derive(serde::Deserialize)]
+        struct RootFs {
+            #[serde(default)]
+            diff_ids: Vec<String>,
+        }
+        let mut out: Vec<LayerChains> = Vec::new();
+        for img in &b.config.images {
+            let config: Config = serde_json::from_slice(&self.read_blob(&img.config.digest)?)
+                .map_err(|e| {
+                    BundleError::Corrupt(format!("image config of {}: {e}", img.reference))
+                })?;
+            let diff_ids = config.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+            let chains = if diff_ids.len() == img.layers.len() {
+                kisara_runtime::chain_ids(&diff_ids)
+            } else {
+                Vec::new()
+            };
+            for (i, l) in img.layers.iter().enumerate() {
+                let k = match out.iter().position(|x| x.digest == l.digest) {
+                    Some(k) => k,
+                    None => {
+                        out.push(LayerChains {
+                            digest: l.digest.clone(),
+                            size: l.size,
+                            chains: Vec::new(),
+                            always: false,
+                        });
+                        out.len() - 1
+                    }
+                };
+                match chains.get(i) {
+                    Some(c) => out[k].chains.push(c.clone()),
+                    None => out[k].always = true,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Store::images_tar`] without the files of the layers in `skip`; `manifest.json` still
+    /// names them (an engine that holds a layer's chain never opens its file).
+    pub fn images_tar_without(
+        &self,
+        b: &Bundle,
+        only: Option<&[String]>,
+        skip: &HashSet<Digest>,
+    ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>)> {
         let images: Vec<&ImageEntry> = b
             .config
             .images
@@ -670,7 +741,7 @@ impl Store {
             let mut layers = Vec::new();
             for l in &img.layers {
                 let p = format!("{}/layer.tar", l.digest.hex());
-                if seen.insert(p.clone()) {
+                if seen.insert(p.clone()) && !skip.contains(&l.digest) {
                     entries.push((
                         p.clone(),
                         TarSource::File(self.blob_path(&l.digest), l.size),

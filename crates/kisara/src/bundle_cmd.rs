@@ -491,7 +491,13 @@ async fn images(
         match p.status.as_str() {
             "done" => {
                 pb.finish_and_clear();
-                println!("node {}: loaded {}", p.node_id, p.images.join(", "));
+                // Layers the node's engine held were not sent: the bytes say how much was.
+                println!(
+                    "node {}: loaded {} ({} bytes received)",
+                    p.node_id,
+                    p.images.join(", "),
+                    p.current
+                );
             }
             "error" => {
                 pb.finish_and_clear();

@@ -184,6 +184,19 @@ fn build_save_load_images_up_down_on_a_second_engine() {
     );
     assert!(loaded.contains(&image), "{loaded}");
     assert!(has_image(1), "the agent of n2 must have loaded {image} into its engine");
+    // The engine already held the busybox layer under the page: it was not sent again.
+    let received: u64 = loaded
+        .split_once(" bytes received")
+        .and_then(|(head, _)| head.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .expect("bytes received");
+    let inspect: serde_json::Value =
+        serde_json::from_slice(&at_site(&["bundle", "inspect", &name]).stdout).unwrap();
+    let base = inspect["images"][0]["layers"][0]["size"].as_u64().unwrap();
+    assert!(
+        received < base,
+        "{received} bytes received: the {base}-byte base layer the engine holds must be left out"
+    );
     assert!(!has_image(0), "n1 was not asked for the images");
 
     let up = at_site(&["--json", "bundle", "up", &name, "--node", "n2"]);
