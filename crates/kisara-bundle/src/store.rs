@@ -464,7 +464,7 @@ impl Store {
     /// every blob a bundle needs must be there; only then is anything added to the store.
     /// Answers the names loaded.
     pub fn load(&self, input: impl Read) -> Result<Vec<BundleName>> {
-        let mut input = BufReader::new(input);
+        let mut input = BufReader::with_capacity(LOAD_CHUNK, input);
         let head = input
             .fill_buf()
             .ctx(|| "reading the bundle archive".to_string())?;
@@ -481,53 +481,91 @@ impl Store {
         let truncated = |e: std::io::Error| {
             BundleError::Corrupt(format!("the archive is truncated or unreadable: {e}"))
         };
-        let mut staged: HashMap<Digest, (PathBuf, u64)> = HashMap::new();
         let mut index_json: Option<Vec<u8>> = None;
         let mut saw_layout = false;
-        let mut archive = tar::Archive::new(reader);
-        for entry in archive.entries().map_err(truncated)? {
-            let mut entry = entry.map_err(truncated)?;
-            if !entry.header().entry_type().is_file() {
-                continue;
+        // Decompressing and reading the tar here, hashing and writing blobs on a second thread:
+        // the two halves of a load overlap instead of taking turns.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(8);
+        let stage_path = stage.path().to_path_buf();
+        let (read, written) = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || write_blobs(&stage_path, rx));
+            let read = (|| -> Result<Vec<(Digest, u64)>> {
+                let mut expected = Vec::new();
+                let mut archive = tar::Archive::new(reader);
+                for entry in archive.entries().map_err(truncated)? {
+                    let mut entry = entry.map_err(truncated)?;
+                    if !entry.header().entry_type().is_file() {
+                        continue;
+                    }
+                    let path = entry
+                        .path()
+                        .map_err(truncated)?
+                        .to_string_lossy()
+                        .to_string();
+                    let path = path.trim_start_matches("./").to_string();
+                    let declared = entry.header().size().map_err(truncated)?;
+                    if path == "index.json" || path == "oci-layout" {
+                        if declared > MAX_JSON_BLOB {
+                            return Err(BundleError::Corrupt(format!("{path} is too large")));
+                        }
+                        let mut buf = Vec::new();
+                        entry.read_to_end(&mut buf).map_err(truncated)?;
+                        if path == "index.json" {
+                            index_json = Some(buf);
+                        } else {
+                            saw_layout = true;
+                        }
+                    } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
+                        let digest = Digest::from_hex(hex)?;
+                        // A closed channel means the writer failed: its error is the one told.
+                        if tx.send(Piece::Begin).is_err() {
+                            break;
+                        }
+                        loop {
+                            let mut buf = vec![0u8; LOAD_CHUNK];
+                            let n = read_up_to(&mut entry, &mut buf).map_err(truncated)?;
+                            if n == 0 {
+                                break;
+                            }
+                            buf.truncate(n);
+                            if tx.send(Piece::Data(buf)).is_err() {
+                                break;
+                            }
+                        }
+                        if tx.send(Piece::End).is_err() {
+                            break;
+                        }
+                        expected.push((digest, declared));
+                    }
+                }
+                Ok(expected)
+            })();
+            drop(tx);
+            let written = writer
+                .join()
+                .unwrap_or_else(|_| Err(BundleError::Invalid("the blob writer panicked".into())));
+            (read, written)
+        });
+        let written = written?;
+        let read = read?;
+        if written.len() != read.len() {
+            return Err(BundleError::Invalid(
+                "the blob writer stopped early".into(),
+            ));
+        }
+        let mut staged: HashMap<Digest, (PathBuf, u64)> = HashMap::new();
+        for ((expected, declared), (file, actual, size)) in read.into_iter().zip(written) {
+            if size != declared {
+                return Err(truncated(std::io::Error::other(format!(
+                    "blob {expected} is cut short"
+                ))));
             }
-            let path = entry
-                .path()
-                .map_err(truncated)?
-                .to_string_lossy()
-                .to_string();
-            let path = path.trim_start_matches("./").to_string();
-            let declared = entry.header().size().map_err(truncated)?;
-            if path == "index.json" || path == "oci-layout" {
-                if declared > MAX_JSON_BLOB {
-                    return Err(BundleError::Corrupt(format!("{path} is too large")));
-                }
-                let mut buf = Vec::new();
-                entry.read_to_end(&mut buf).map_err(truncated)?;
-                if path == "index.json" {
-                    index_json = Some(buf);
-                } else {
-                    saw_layout = true;
-                }
-            } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
-                let expected = Digest::from_hex(hex)?;
-                let (file, actual, size) =
-                    self.stage_blob(stage.path(), &mut entry)
-                        .map_err(|e| match e {
-                            BundleError::Io { source, .. } => truncated(source),
-                            e => e,
-                        })?;
-                if size != declared {
-                    return Err(truncated(std::io::Error::other(format!(
-                        "blob {expected} is cut short"
-                    ))));
-                }
-                if actual != expected {
-                    return Err(BundleError::Corrupt(format!(
-                        "blob {expected} does not match its digest (found {actual}): the archive was altered or damaged"
-                    )));
-                }
-                staged.insert(expected, (file, size));
+            if actual != expected {
+                return Err(BundleError::Corrupt(format!(
+                    "blob {expected} does not match its digest (found {actual}): the archive was altered or damaged"
+                )));
             }
+            staged.insert(expected, (file, size));
         }
         if !saw_layout {
             return Err(BundleError::Corrupt(
@@ -783,6 +821,68 @@ impl Store {
             .chain(stream::once(async { Ok(Bytes::from(vec![0u8; 1024])) }));
         Ok((total, body.boxed()))
     }
+}
+
+/// Blob data is read and handed to the writer in pieces of this size.
+const LOAD_CHUNK: usize = 1 << 20;
+
+/// What the reading half of a load hands the writing half.
+enum Piece {
+    Begin,
+    Data(Vec<u8>),
+    End,
+}
+
+/// The writing half of a load: each blob between `Begin` and `End` into a staged file of its
+/// own, hashed as it is written. Answers the files with their digests and sizes, in order.
+fn write_blobs(
+    stage: &Path,
+    rx: std::sync::mpsc::Receiver<Piece>,
+) -> Result<Vec<(PathBuf, Digest, u64)>> {
+    let mut out = Vec::new();
+    let mut current: Option<(PathBuf, HashingWriter<File>)> = None;
+    for piece in rx {
+        match piece {
+            Piece::Begin => {
+                let f = tempfile::Builder::new()
+                    .prefix("blob-")
+                    .tempfile_in(stage)
+                    .ctx(|| format!("creating a file in {}", stage.display()))?;
+                let (file, path) = f.keep().map_err(|e| BundleError::Io {
+                    context: "keeping a staged blob".into(),
+                    source: e.error,
+                })?;
+                current = Some((path, HashingWriter::new(file)));
+            }
+            Piece::Data(data) => {
+                if let Some((path, w)) = current.as_mut() {
+                    w.write_all(&data)
+                        .ctx(|| format!("writing {}", path.display()))?;
+                }
+            }
+            Piece::End => {
+                if let Some((path, w)) = current.take() {
+                    let (digest, size, _file) = w.finish();
+                    out.push((path, digest, size));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads until `buf` is full or the reader ends; answers the bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 fn ref_name(d: &Descriptor) -> Option<&str> {
