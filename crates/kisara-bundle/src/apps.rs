@@ -398,7 +398,10 @@ services:
         assert_eq!(worker.ports[0].spec(), "22/tcp");
         // Interpolation from the variables given (the bundle's ENV), as `bundle up` sends them.
         let text = "services:\n  web:\n    image: ${REPO}/web:${TAG:-1}\n    ports: [\"${P}\"]\n";
-        let vars = BTreeMap::from([("REPO".to_string(), "r.local".to_string()), ("P".to_string(), "81".to_string())]);
+        let vars = BTreeMap::from([
+            ("REPO".to_string(), "r.local".to_string()),
+            ("P".to_string(), "81".to_string()),
+        ]);
         let app = parse_app("web", "c.yaml", text, &vars).unwrap();
         assert_eq!(app.images(), ["r.local/web:1"]);
         assert_eq!(app.services[0].ports[0].spec(), "81/tcp");

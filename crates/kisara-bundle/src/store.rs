@@ -549,9 +549,7 @@ impl Store {
         let written = written?;
         let read = read?;
         if written.len() != read.len() {
-            return Err(BundleError::Invalid(
-                "the blob writer stopped early".into(),
-            ));
+            return Err(BundleError::Invalid("the blob writer stopped early".into()));
         }
         let mut staged: HashMap<Digest, (PathBuf, u64)> = HashMap::new();
         for ((expected, declared), (file, actual, size)) in read.into_iter().zip(written) {

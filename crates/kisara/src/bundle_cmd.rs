@@ -16,12 +16,12 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use kisara_api::BundleImagesRequest;
+use kisara_api::{ServiceConfigContainer, ServiceConfigPort};
+use kisara_bundle::apps::AppKind;
 use kisara_bundle::build::{BuildOptions, Progress};
 use kisara_bundle::registry::RegistryOptions;
 use kisara_bundle::store::BundleName;
 use kisara_bundle::Store;
-use kisara_api::{ServiceConfigContainer, ServiceConfigPort};
-use kisara_bundle::apps::AppKind;
 use kisara_client::{Client, Service, ServiceConfig, ServiceFilter, ServiceRequest};
 
 use crate::cli::output::{self, Output};

@@ -147,7 +147,11 @@ fn build_save_load_images_up_down_on_a_second_engine() {
     let name = format!("app-{run}:1.0");
     let builder = tmp.path().join("builder");
     ok(
-        kisara(&builder, None, &["build", "-t", &name, ctx.to_str().unwrap()]),
+        kisara(
+            &builder,
+            None,
+            &["build", "-t", &name, ctx.to_str().unwrap()],
+        ),
         "build",
     );
     let saved = tmp.path().join("app.tar.zst");
@@ -174,8 +178,17 @@ fn build_save_load_images_up_down_on_a_second_engine() {
         a.extend_from_slice(args);
         cluster.kisara(&a)
     };
-    let has_image = |k: usize| cluster.engines.docker(k, &["image", "inspect", &image]).status.success();
-    assert!(!has_image(0) && !has_image(1), "the test bed engines start without {image}");
+    let has_image = |k: usize| {
+        cluster
+            .engines
+            .docker(k, &["image", "inspect", &image])
+            .status
+            .success()
+    };
+    assert!(
+        !has_image(0) && !has_image(1),
+        "the test bed engines start without {image}"
+    );
 
     // Into the second engine only (the server lacks the bundle: the CLI uploads it first).
     let loaded = ok(
@@ -183,7 +196,10 @@ fn build_save_load_images_up_down_on_a_second_engine() {
         "bundle images",
     );
     assert!(loaded.contains(&image), "{loaded}");
-    assert!(has_image(1), "the agent of n2 must have loaded {image} into its engine");
+    assert!(
+        has_image(1),
+        "the agent of n2 must have loaded {image} into its engine"
+    );
     // The engine already held the busybox layer under the page: it was not sent again.
     let received: u64 = loaded
         .split_once(" bytes received")
@@ -220,7 +236,10 @@ fn build_save_load_images_up_down_on_a_second_engine() {
     assert_eq!(launched.len(), 1, "LAUNCH web: only web starts: {up}");
     assert_eq!(launched[0]["app"], "web");
     let svc: kisara_api::Service = serde_json::from_value(launched[0]["service"].clone()).unwrap();
-    assert_eq!(svc.owner.as_deref(), Some(format!("bundle:{name}").as_str()));
+    assert_eq!(
+        svc.owner.as_deref(),
+        Some(format!("bundle:{name}").as_str())
+    );
     assert_eq!(svc.module.as_deref(), Some("web"));
     assert_eq!(svc.node_id, ids["n2"]);
     assert_eq!(svc.state, kisara_api::ServiceState::Running);
@@ -231,7 +250,10 @@ fn build_save_load_images_up_down_on_a_second_engine() {
         "up waits for the healthcheck"
     );
     let port = &svc.ports[0];
-    assert_eq!(port.container_port, 8081, "the port came from the bundle's ENV");
+    assert_eq!(
+        port.container_port, 8081,
+        "the port came from the bundle's ENV"
+    );
     assert_eq!(port.public_host, cluster.engines.address(1));
     let answer = testbed::poll(Duration::from_secs(15), "the app answers", || {
         http_get_sync(&port.public_host, port.public_port)
@@ -242,7 +264,10 @@ fn build_save_load_images_up_down_on_a_second_engine() {
     // A second launch of the same bundle is refused; another version is its own.
     let again = at_site(&["bundle", "up", &name, "--node", "n2", "--no-cmd"]);
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already up"), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already up"),
+        "{again:?}"
+    );
     let other = format!("app-{run}:2.0");
     ok(at_site(&["bundle", "tag", &name, &other]), "bundle tag");
     ok(
@@ -273,7 +298,10 @@ fn build_save_load_images_up_down_on_a_second_engine() {
     );
     let kept = services(&format!("bundle:{other}"));
     assert_eq!(kept.len(), 1, "down of 1.0 leaves 2.0 alone");
-    assert!(on_engine.contains(&kept[0].containers[0].id), "{on_engine:?}");
+    assert!(
+        on_engine.contains(&kept[0].containers[0].id),
+        "{on_engine:?}"
+    );
     ok(at_site(&["bundle", "down", &other]), "bundle down (2.0)");
     assert!(cluster.engines.kisara_containers(1).is_empty());
 }
