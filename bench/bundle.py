@@ -123,7 +123,8 @@ def main():
             time.sleep(0.2)
 
         docker_tar = os.path.join(work, "all.tar")
-        t = {"kisara-save": [], "docker-save": [], "kisara-load": [], "docker-load": []}
+        t = {"kisara-save": [], "docker-save": [], "kisara-load": [], "docker-load": [],
+             "load-step": [], "images-step": []}
         for i in range(RUNS):
             t["kisara-save"].append(timed(lambda: sh(
                 KISARA, "--data-dir", data, "save", "bench:1", "-o", zst, "--zstd", stdout=subprocess.DEVNULL)))
@@ -131,9 +132,11 @@ def main():
             rmi_apps()
             def kisara_load():
                 shutil.rmtree(os.path.join(site, "bundles"), ignore_errors=True)
-                sh(KISARA, "--data-dir", site, "load", "-i", zst, stdout=subprocess.DEVNULL)
-                sh(KISARA, "--data-dir", site, "--url", url, "bundle", "images", "bench:1", "--all",
-                   stdout=subprocess.DEVNULL)
+                t["load-step"].append(timed(lambda: sh(
+                    KISARA, "--data-dir", site, "load", "-i", zst, stdout=subprocess.DEVNULL)))
+                t["images-step"].append(timed(lambda: sh(
+                    KISARA, "--data-dir", site, "--url", url, "bundle", "images", "bench:1", "--all",
+                    stdout=subprocess.DEVNULL)))
             t["kisara-load"].append(timed(kisara_load))
             assert all(have_image(r) for r in APPS), "kisara did not load the images"
             rmi_apps()
@@ -147,6 +150,8 @@ def main():
         print(f"       bundle, zstd           {mib(os.path.getsize(zst)):8.1f} MiB  ratio {os.path.getsize(zst) / separate:.2f}")
         print(f"save   kisara save --zstd {med['kisara-save']:6.2f} s   docker save {med['docker-save']:6.2f} s   ratio {med['kisara-save'] / med['docker-save']:.2f}")
         print(f"load   kisara load + bundle images {med['kisara-load']:6.2f} s   docker load {med['docker-load']:6.2f} s   ratio {med['kisara-load'] / med['docker-load']:.2f}")
+        print(f"       of which kisara load {med['load-step']:6.2f} s, bundle images {med['images-step']:6.2f} s")
+        print(f"load average {os.getloadavg()[0]:.2f}")
     finally:
         if proc:
             proc.terminate()

@@ -55,6 +55,8 @@ impl Fetcher {
 
 /// Downloads the archive at `url_path` and streams it into the engine's `docker load`,
 /// reporting bytes received about twice a second and the loaded references at the end.
+/// Layers the engine already holds (by chain id) are asked to be left out of the archive; if
+/// the engine refuses such an archive, the whole one is fetched and loaded instead.
 pub async fn load_images_from(
     rt: Arc<dyn Runtime>,
     id: u64,
@@ -66,33 +68,119 @@ pub async fn load_images_from(
         id,
         error: Some(ErrorBody::new(codes::RUNTIME, message)),
     };
-    if !url_path.starts_with("/v1/") {
+    if !url_path.starts_with("/v1/") || url_path.contains('?') {
         let _ = tx
             .send(fail(format!("refusing to fetch {url_path:?}")))
             .await;
         return;
     }
+    let skip = skippable(rt.as_ref(), url_path, fetch).await;
+    let mut result = if skip.is_empty() {
+        fetch_and_load(rt.clone(), id, url_path, fetch, tx).await
+    } else {
+        let path = format!("{url_path}?skip={}", skip.join(","));
+        fetch_and_load(rt.clone(), id, &path, fetch, tx).await
+    };
+    if let Err(Failure::Load(e)) = &result {
+        if !skip.is_empty() {
+            tracing::warn!(
+                "the engine refused the archive without the {} layer(s) it holds ({e}); loading the whole archive",
+                skip.len()
+            );
+            result = fetch_and_load(rt, id, url_path, fetch, tx).await;
+        }
+    }
+    match result {
+        Ok(()) => {
+            let _ = tx.send(AgentMessage::StreamEnd { id, error: None }).await;
+        }
+        Err(Failure::Gone) => {}
+        Err(Failure::Fetch(message)) => {
+            let _ = tx.send(fail(message)).await;
+        }
+        Err(Failure::Load(e)) => {
+            let _ = tx
+                .send(AgentMessage::StreamEnd {
+                    id,
+                    error: Some(crate::error_body(&e)),
+                })
+                .await;
+        }
+    }
+}
+
+enum Failure {
+    /// The server's side of the stream is gone: nobody to tell.
+    Gone,
+    Fetch(String),
+    Load(RuntimeError),
+}
+
+/// One layer file of the bundle's images, as `GET /v1/bundles/{name}/layers` lists it.
+#[derive(serde::Deserialize)]
+struct LayerChains {
+    digest: String,
+    #[serde(default)]
+    chains: Vec<String>,
+    #[serde(default)]
+    always: bool,
+}
+
+/// The hex digests of the bundle's layer files the engine needs not receive: every chain each
+/// sits at is one the engine holds. Empty when anything is unknown (then all is sent).
+async fn skippable(rt: &dyn Runtime, url_path: &str, fetch: &Fetcher) -> Vec<String> {
+    let Some(base) = url_path.strip_suffix("/images.tar") else {
+        return Vec::new();
+    };
+    let have = match rt.layer_chains().await {
+        Ok(h) if !h.is_empty() => h,
+        _ => return Vec::new(),
+    };
     let mut req = fetch
         .http
-        .get(format!("{}{url_path}", fetch.base))
+        .get(format!("{}{base}/layers", fetch.base))
+        .timeout(Duration::from_secs(30))
         .header(NODE_ID_HEADER, &fetch.node_id);
     if let Some(c) = &fetch.credential {
         req = req.bearer_auth(c.expose());
     }
+    let layers: Vec<LayerChains> = match req.send().await {
+        Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+        _ => return Vec::new(),
+    };
+    layers
+        .into_iter()
+        .filter(|l| !l.always && !l.chains.is_empty() && l.chains.iter().all(|c| have.contains(c)))
+        .filter_map(|l| {
+            let hex = l.digest.strip_prefix("sha256:")?;
+            (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hex.to_string())
+        })
+        .collect()
+}
+
+async fn fetch_and_load(
+    rt: Arc<dyn Runtime>,
+    id: u64,
+    path: &str,
+    fetch: &Fetcher,
+    tx: &mpsc::Sender<AgentMessage>,
+) -> Result<(), Failure> {
+    let mut req = fetch
+        .http
+        .get(format!("{}{path}", fetch.base))
+        .header(NODE_ID_HEADER, &fetch.node_id);
+    if let Some(c) = &fetch.credential {
+        req = req.bearer_auth(c.expose());
+    }
+    let what = path.split('?').next().unwrap_or(path);
     let resp = match req.send().await {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {
             let status = r.status();
             let body = r.text().await.unwrap_or_default();
-            let _ = tx
-                .send(fail(format!("fetching {url_path}: {status}: {body}")))
-                .await;
-            return;
+            return Err(Failure::Fetch(format!("fetching {what}: {status}: {body}")));
         }
-        Err(e) => {
-            let _ = tx.send(fail(format!("fetching {url_path}: {e}"))).await;
-            return;
-        }
+        Err(e) => return Err(Failure::Fetch(format!("fetching {what}: {e}"))),
     };
     let total = resp.content_length();
     let received = Arc::new(AtomicU64::new(0));
@@ -129,23 +217,18 @@ pub async fn load_images_from(
             r = &mut load => break r,
             _ = tick.tick() => {
                 if tx.send(progress("loading", Vec::new())).await.is_err() {
-                    return;
+                    return Err(Failure::Gone);
                 }
             }
         }
     };
     match result {
         Ok(images) => {
-            let _ = tx.send(progress("done", images)).await;
-            let _ = tx.send(AgentMessage::StreamEnd { id, error: None }).await;
+            if tx.send(progress("done", images)).await.is_err() {
+                return Err(Failure::Gone);
+            }
+            Ok(())
         }
-        Err(e) => {
-            let _ = tx
-                .send(AgentMessage::StreamEnd {
-                    id,
-                    error: Some(crate::error_body(&e)),
-                })
-                .await;
-        }
+        Err(e) => Err(Failure::Load(e)),
     }
 }

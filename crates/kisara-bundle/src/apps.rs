@@ -2,9 +2,9 @@
 //! needs from them: the images (found by parsing, never by guessing from text) and, for
 //! `bundle up`, each service's command, environment and ports.
 //!
-//! Compose: `services.<name>.image` (with anchors and `<<` merge keys), `command`,
-//! `entrypoint`, `environment` (map or list), `ports` (short `"8080:80/tcp"` or long form).
-//! Interpolation (`${VAR}`), `extends` and profiles are not read yet.
+//! Compose: read by the control plane's own parser (`kisara_core::compose`: anchors and merge
+//! keys, `${VAR}` interpolation from the bundle's `ENV`, every key honoured or refused by name),
+//! so a file the cluster would refuse fails the build, and the images found are the ones run.
 //! Kisara service spec (JSON or YAML): `{"name": ..., "containers": [{"name", "image", "cmd",
 //! "env", "ports" | "port_protocol"}]}`.
 
@@ -22,12 +22,10 @@ pub enum AppKind {
     KisaraService,
 }
 
-/// A port a service exposes: the container port, and the host port the file asked for (Kisara
-/// hands out host ports itself, so that one is advisory).
+/// A port a service exposes (Kisara hands out host ports itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
     pub target: u16,
-    pub published: Option<u16>,
     /// `tcp` or `udp`.
     pub protocol: String,
 }
@@ -69,8 +67,14 @@ impl AppSpec {
 }
 
 /// Reads an app file. `app` and `path` only name it in errors; JSON is told by its first
-/// character, everything else is YAML.
-pub fn parse_app(app: &str, path: &str, text: &str) -> Result<AppSpec> {
+/// character, everything else is YAML. A compose file is read by the control plane's compose
+/// parser with `vars` (the bundle's `ENV`) for its `${VAR}` interpolation.
+pub fn parse_app(
+    app: &str,
+    path: &str,
+    text: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<AppSpec> {
     let err = |message: String| BundleError::App {
         app: app.to_string(),
         path: path.to_string(),
@@ -83,35 +87,40 @@ pub fn parse_app(app: &str, path: &str, text: &str) -> Result<AppSpec> {
     };
     match (doc.services, doc.containers) {
         (Some(services), None) => {
-            let mut out = Vec::new();
-            for (name, s) in services {
-                let image = s.image.filter(|i| !i.trim().is_empty()).ok_or_else(|| {
-                    err(format!(
-                        "service {name} names no image (build: is not supported; build the image first and name it)"
-                    ))
-                })?;
-                let ports = s
-                    .ports
-                    .iter()
-                    .map(|p| p.parse())
-                    .collect::<std::result::Result<Vec<_>, String>>()
-                    .map_err(|m| err(format!("service {name}: {m}")))?;
-                out.push(Service {
-                    name,
-                    image,
-                    command: s.command.map(|c| c.into_argv()).transpose().map_err(&err)?,
-                    entrypoint: s
-                        .entrypoint
-                        .map(|c| c.into_argv())
-                        .transpose()
-                        .map_err(&err)?,
-                    environment: s.environment.into_map(),
-                    ports,
-                });
+            if let Some((name, _)) = services
+                .iter()
+                .find(|(_, s)| s.image.as_ref().is_none_or(|i| i.trim().is_empty()))
+            {
+                return Err(err(format!(
+                    "service {name} names no image (build: is not supported; build the image first and name it)"
+                )));
             }
-            if out.is_empty() {
+            if services.is_empty() {
                 return Err(err("the compose file has no services".into()));
             }
+            // The control plane's own reading of the file, with the variables `bundle up` will
+            // send: what it would refuse is refused at build time, and the images are the ones
+            // it will run.
+            let plan = kisara_core::compose::parse(text, vars).map_err(|e| err(e.to_string()))?;
+            let out = plan
+                .containers
+                .into_iter()
+                .map(|c| Service {
+                    ports: c
+                        .ports
+                        .iter()
+                        .map(|p| ServicePort {
+                            target: p.port,
+                            protocol: p.protocol.to_string(),
+                        })
+                        .collect(),
+                    name: c.service,
+                    image: c.image,
+                    command: c.command,
+                    entrypoint: c.entrypoint,
+                    environment: c.env,
+                })
+                .collect();
             Ok(AppSpec {
                 kind: AppKind::Compose,
                 services: out,
@@ -135,7 +144,7 @@ pub fn parse_app(app: &str, path: &str, text: &str) -> Result<AppSpec> {
                 }
                 let ports = specs
                     .iter()
-                    .map(|s| RawPort::Short(s.clone()).parse())
+                    .map(|s| parse_port(s))
                     .collect::<std::result::Result<Vec<_>, String>>()
                     .map_err(|m| err(format!("container {name}: {m}")))?;
                 out.push(Service {
@@ -174,6 +183,21 @@ pub fn parse_app(app: &str, path: &str, text: &str) -> Result<AppSpec> {
     }
 }
 
+/// An app file as a JSON value (JSON, or YAML read as such), for handing a Kisara service spec
+/// on to the control plane with every key it has. `app` and `path` name it in errors.
+pub fn document(app: &str, path: &str, text: &str) -> Result<serde_json::Value> {
+    let err = |message: String| BundleError::App {
+        app: app.to_string(),
+        path: path.to_string(),
+        message,
+    };
+    if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| err(format!("invalid YAML: {e}")))
+    }
+}
+
 #[derive(Deserialize)]
 struct RawDoc {
     #[serde(default)]
@@ -186,14 +210,6 @@ struct RawDoc {
 struct RawComposeService {
     #[serde(default)]
     image: Option<String>,
-    #[serde(default)]
-    command: Option<Command>,
-    #[serde(default)]
-    entrypoint: Option<Command>,
-    #[serde(default)]
-    environment: Environment,
-    #[serde(default)]
-    ports: Vec<RawPort>,
 }
 
 #[derive(Deserialize)]
@@ -282,81 +298,57 @@ impl std::fmt::Display for Scalar {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawPort {
-    Number(u16),
-    Short(String),
-    Long {
-        target: u16,
-        #[serde(default)]
-        published: Option<Scalar>,
-        #[serde(default)]
-        protocol: Option<String>,
-    },
-}
-
-impl RawPort {
-    fn parse(&self) -> std::result::Result<ServicePort, String> {
-        let port = |s: &str| -> std::result::Result<u16, String> {
-            s.parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| format!("invalid port {s:?} (port ranges are not supported)"))
-        };
-        let proto = |p: &str| -> std::result::Result<String, String> {
-            match p.to_ascii_lowercase().as_str() {
-                "tcp" => Ok("tcp".into()),
-                "udp" => Ok("udp".into()),
-                other => Err(format!("unsupported protocol {other:?}")),
-            }
-        };
-        match self {
-            RawPort::Number(n) => Ok(ServicePort {
-                target: port(&n.to_string())?,
-                published: None,
-                protocol: "tcp".into(),
-            }),
-            RawPort::Long {
-                target,
-                published,
-                protocol,
-            } => Ok(ServicePort {
-                target: port(&target.to_string())?,
-                published: published
-                    .as_ref()
-                    .map(|p| port(&p.to_string()))
-                    .transpose()?,
-                protocol: proto(protocol.as_deref().unwrap_or("tcp"))?,
-            }),
-            RawPort::Short(s) => {
-                let (addr, protocol) = match s.rsplit_once('/') {
-                    Some((a, p)) => (a, proto(p)?),
-                    None => (s.as_str(), "tcp".to_string()),
-                };
-                // [ip:][published:]target; an IPv6 host address is bracketed.
-                let parts: Vec<&str> = match addr.rsplit_once("]:") {
-                    Some((_, rest)) => rest.split(':').collect(),
-                    None => addr.split(':').collect(),
-                };
-                let (published, target) = match parts.as_slice() {
-                    [t] => (None, *t),
-                    [p, t] | [_, p, t] => (Some(*p).filter(|p| !p.is_empty()), *t),
-                    _ => return Err(format!("invalid port mapping {s:?}")),
-                };
-                Ok(ServicePort {
-                    target: port(target)?,
-                    published: published.map(port).transpose()?,
-                    protocol,
-                })
-            }
-        }
+/// A service spec's port, `[ip:][published:]target[/protocol]` (the published part is checked
+/// and dropped: Kisara hands out host ports itself).
+fn parse_port(s: &str) -> std::result::Result<ServicePort, String> {
+    let port = |s: &str| -> std::result::Result<u16, String> {
+        s.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("invalid port {s:?} (port ranges are not supported)"))
+    };
+    let (addr, protocol) = match s.rsplit_once('/') {
+        Some((a, p)) => match p.to_ascii_lowercase().as_str() {
+            "tcp" => (a, "tcp".to_string()),
+            "udp" => (a, "udp".to_string()),
+            other => return Err(format!("unsupported protocol {other:?}")),
+        },
+        None => (s, "tcp".to_string()),
+    };
+    // An IPv6 host address is bracketed.
+    let parts: Vec<&str> = match addr.rsplit_once("]:") {
+        Some((_, rest)) => rest.split(':').collect(),
+        None => addr.split(':').collect(),
+    };
+    let (published, target) = match parts.as_slice() {
+        [t] => (None, *t),
+        [p, t] | [_, p, t] => (Some(*p).filter(|p| !p.is_empty()), *t),
+        _ => return Err(format!("invalid port mapping {s:?}")),
+    };
+    if let Some(p) = published {
+        port(p)?;
     }
+    Ok(ServicePort {
+        target: port(target)?,
+        protocol,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_yaml_service_spec_reads_as_the_same_document_as_json() {
+        let yaml = "name: pwn\ncontainers:\n  - image: a:1\n    ports: [{port: 80}]\n";
+        let json = r#"{"name": "pwn", "containers": [{"image": "a:1", "ports": [{"port": 80}]}]}"#;
+        assert_eq!(
+            document("pwn", "s.yaml", yaml).unwrap(),
+            document("pwn", "s.json", json).unwrap()
+        );
+        let e = document("pwn", "s.json", "{nope").unwrap_err().to_string();
+        assert!(e.contains("s.json") && e.contains("invalid JSON"), "{e}");
+    }
 
     #[test]
     fn compose_with_anchors_and_merge_keys() {
@@ -381,7 +373,7 @@ services:
       - target: 22
         published: "2222"
 "#;
-        let app = parse_app("web", "compose.yaml", text).unwrap();
+        let app = parse_app("web", "compose.yaml", text, &BTreeMap::new()).unwrap();
         assert_eq!(app.kind, AppKind::Compose);
         assert_eq!(
             app.images(),
@@ -397,21 +389,22 @@ services:
             web.environment.get("WORKERS").map(String::as_str),
             Some("4")
         );
-        let specs: Vec<_> = web.ports.iter().map(|p| (p.spec(), p.published)).collect();
-        assert_eq!(
-            specs,
-            [
-                ("80/tcp".to_string(), Some(8080)),
-                ("53/udp".to_string(), Some(5353)),
-                ("9000/tcp".to_string(), None)
-            ]
-        );
+        let specs: Vec<_> = web.ports.iter().map(|p| p.spec()).collect();
+        assert_eq!(specs, ["80/tcp", "53/udp", "9000/tcp"]);
         let worker = &app.services[1];
         assert_eq!(worker.image, "127.0.0.1:5000/base:1");
         assert_eq!(worker.entrypoint.as_deref().unwrap(), ["sh", "-c"]);
-        assert_eq!(worker.environment.get("B").map(String::as_str), Some(""));
+        assert_eq!(worker.environment.get("A").map(String::as_str), Some("1"));
         assert_eq!(worker.ports[0].spec(), "22/tcp");
-        assert_eq!(worker.ports[0].published, Some(2222));
+        // Interpolation from the variables given (the bundle's ENV), as `bundle up` sends them.
+        let text = "services:\n  web:\n    image: ${REPO}/web:${TAG:-1}\n    ports: [\"${P}\"]\n";
+        let vars = BTreeMap::from([
+            ("REPO".to_string(), "r.local".to_string()),
+            ("P".to_string(), "81".to_string()),
+        ]);
+        let app = parse_app("web", "c.yaml", text, &vars).unwrap();
+        assert_eq!(app.images(), ["r.local/web:1"]);
+        assert_eq!(app.services[0].ports[0].spec(), "81/tcp");
     }
 
     #[test]
@@ -420,7 +413,7 @@ services:
             {"name":"app","image":"kisara-test/busybox:latest","cmd":["nc","-ll","-p","9999"],
              "env":{"FLAG":"flag{x}"},"port_protocol":"9999/tcp,53/udp"},
             {"image":"127.0.0.1:5000/db:2"}]}"#;
-        let app = parse_app("pwn", "svc.json", json).unwrap();
+        let app = parse_app("pwn", "svc.json", json, &BTreeMap::new()).unwrap();
         assert_eq!(app.kind, AppKind::KisaraService);
         assert_eq!(
             app.images(),
@@ -429,7 +422,7 @@ services:
         assert_eq!(app.services[0].ports.len(), 2);
         assert_eq!(app.services[1].name, "c1");
         let yaml = "containers:\n  - image: a/b:1\n    ports: [80]\n";
-        let app = parse_app("y", "svc.yaml", yaml).unwrap();
+        let app = parse_app("y", "svc.yaml", yaml, &BTreeMap::new()).unwrap();
         assert_eq!(app.services[0].ports[0].spec(), "80/tcp");
     }
 
@@ -450,7 +443,7 @@ services:
             ("{\"containers\": [{}]}", "names no image"),
         ];
         for (text, needle) in cases {
-            let e = parse_app("myapp", "dir/app.yaml", text)
+            let e = parse_app("myapp", "dir/app.yaml", text, &BTreeMap::new())
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("myapp") && e.contains("dir/app.yaml"), "{e}");

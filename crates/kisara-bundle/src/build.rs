@@ -192,7 +192,7 @@ pub async fn build(
                 }
                 let text = std::fs::read_to_string(&in_work)
                     .map_err(|e| err(format!("APP {name}: cannot read {path}: {e}")))?;
-                let spec = apps::parse_app(name, &path, &text)?;
+                let spec = apps::parse_app(name, &path, &text, &st.env)?;
                 let entry = AppEntry {
                     name: name.clone(),
                     path: rel.to_string_lossy().to_string(),

@@ -10,7 +10,7 @@
 //! written only after all its blobs are in, so a failed build or load leaves nothing behind but
 //! staging files that are removed with their stage.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -106,6 +106,17 @@ impl Bundle {
     pub fn size(&self) -> u64 {
         self.blobs().iter().map(|d| d.size).sum()
     }
+}
+
+/// A layer file of a bundle's images and the chain ids it sits at ([`Store::layer_chains`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerChains {
+    pub digest: Digest,
+    pub size: u64,
+    pub chains: Vec<String>,
+    /// Some image using it lists no diff ids: it is sent whatever the engine holds.
+    #[serde(default)]
+    pub always: bool,
 }
 
 /// A listing entry.
@@ -453,7 +464,7 @@ impl Store {
     /// every blob a bundle needs must be there; only then is anything added to the store.
     /// Answers the names loaded.
     pub fn load(&self, input: impl Read) -> Result<Vec<BundleName>> {
-        let mut input = BufReader::new(input);
+        let mut input = BufReader::with_capacity(LOAD_CHUNK, input);
         let head = input
             .fill_buf()
             .ctx(|| "reading the bundle archive".to_string())?;
@@ -470,53 +481,89 @@ impl Store {
         let truncated = |e: std::io::Error| {
             BundleError::Corrupt(format!("the archive is truncated or unreadable: {e}"))
         };
-        let mut staged: HashMap<Digest, (PathBuf, u64)> = HashMap::new();
         let mut index_json: Option<Vec<u8>> = None;
         let mut saw_layout = false;
-        let mut archive = tar::Archive::new(reader);
-        for entry in archive.entries().map_err(truncated)? {
-            let mut entry = entry.map_err(truncated)?;
-            if !entry.header().entry_type().is_file() {
-                continue;
+        // Decompressing and reading the tar here, hashing and writing blobs on a second thread:
+        // the two halves of a load overlap instead of taking turns.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(8);
+        let stage_path = stage.path().to_path_buf();
+        let (read, written) = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || write_blobs(&stage_path, rx));
+            let read = (|| -> Result<Vec<(Digest, u64)>> {
+                let mut expected = Vec::new();
+                let mut archive = tar::Archive::new(reader);
+                for entry in archive.entries().map_err(truncated)? {
+                    let mut entry = entry.map_err(truncated)?;
+                    if !entry.header().entry_type().is_file() {
+                        continue;
+                    }
+                    let path = entry
+                        .path()
+                        .map_err(truncated)?
+                        .to_string_lossy()
+                        .to_string();
+                    let path = path.trim_start_matches("./").to_string();
+                    let declared = entry.header().size().map_err(truncated)?;
+                    if path == "index.json" || path == "oci-layout" {
+                        if declared > MAX_JSON_BLOB {
+                            return Err(BundleError::Corrupt(format!("{path} is too large")));
+                        }
+                        let mut buf = Vec::new();
+                        entry.read_to_end(&mut buf).map_err(truncated)?;
+                        if path == "index.json" {
+                            index_json = Some(buf);
+                        } else {
+                            saw_layout = true;
+                        }
+                    } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
+                        let digest = Digest::from_hex(hex)?;
+                        // A closed channel means the writer failed: its error is the one told.
+                        if tx.send(Piece::Begin).is_err() {
+                            break;
+                        }
+                        loop {
+                            let mut buf = vec![0u8; LOAD_CHUNK];
+                            let n = read_up_to(&mut entry, &mut buf).map_err(truncated)?;
+                            if n == 0 {
+                                break;
+                            }
+                            buf.truncate(n);
+                            if tx.send(Piece::Data(buf)).is_err() {
+                                break;
+                            }
+                        }
+                        if tx.send(Piece::End).is_err() {
+                            break;
+                        }
+                        expected.push((digest, declared));
+                    }
+                }
+                Ok(expected)
+            })();
+            drop(tx);
+            let written = writer
+                .join()
+                .unwrap_or_else(|_| Err(BundleError::Invalid("the blob writer panicked".into())));
+            (read, written)
+        });
+        let written = written?;
+        let read = read?;
+        if written.len() != read.len() {
+            return Err(BundleError::Invalid("the blob writer stopped early".into()));
+        }
+        let mut staged: HashMap<Digest, (PathBuf, u64)> = HashMap::new();
+        for ((expected, declared), (file, actual, size)) in read.into_iter().zip(written) {
+            if size != declared {
+                return Err(truncated(std::io::Error::other(format!(
+                    "blob {expected} is cut short"
+                ))));
             }
-            let path = entry
-                .path()
-                .map_err(truncated)?
-                .to_string_lossy()
-                .to_string();
-            let path = path.trim_start_matches("./").to_string();
-            let declared = entry.header().size().map_err(truncated)?;
-            if path == "index.json" || path == "oci-layout" {
-                if declared > MAX_JSON_BLOB {
-                    return Err(BundleError::Corrupt(format!("{path} is too large")));
-                }
-                let mut buf = Vec::new();
-                entry.read_to_end(&mut buf).map_err(truncated)?;
-                if path == "index.json" {
-                    index_json = Some(buf);
-                } else {
-                    saw_layout = true;
-                }
-            } else if let Some(hex) = path.strip_prefix("blobs/sha256/") {
-                let expected = Digest::from_hex(hex)?;
-                let (file, actual, size) =
-                    self.stage_blob(stage.path(), &mut entry)
-                        .map_err(|e| match e {
-                            BundleError::Io { source, .. } => truncated(source),
-                            e => e,
-                        })?;
-                if size != declared {
-                    return Err(truncated(std::io::Error::other(format!(
-                        "blob {expected} is cut short"
-                    ))));
-                }
-                if actual != expected {
-                    return Err(BundleError::Corrupt(format!(
-                        "blob {expected} does not match its digest (found {actual}): the archive was altered or damaged"
-                    )));
-                }
-                staged.insert(expected, (file, size));
+            if actual != expected {
+                return Err(BundleError::Corrupt(format!(
+                    "blob {expected} does not match its digest (found {actual}): the archive was altered or damaged"
+                )));
             }
+            staged.insert(expected, (file, size));
         }
         if !saw_layout {
             return Err(BundleError::Corrupt(
@@ -644,6 +691,66 @@ impl Store {
         b: &Bundle,
         only: Option<&[String]>,
     ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>)> {
+        self.images_tar_without(b, only, &HashSet::new())
+    }
+
+    /// Each distinct layer file of the bundle's images with the chain ids it sits at (see
+    /// `kisara_runtime::chain_ids`; from each image config's `rootfs.diff_ids`). A layer whose
+    /// chains an engine all holds need not be sent to it. An image whose config does not list
+    /// its diff ids gives its layers no chains, so they are always sent.
+    pub fn layer_chains(&self, b: &Bundle) -> Result<Vec<LayerChains>> {
+        #[derive(serde::Deserialize)]
+        struct Config {
+            #[serde(default)]
+            rootfs: Option<RootFs>,
+        }
+        #[derive(serde::Deserialize)]
+        struct RootFs {
+            #[serde(default)]
+            diff_ids: Vec<String>,
+        }
+        let mut out: Vec<LayerChains> = Vec::new();
+        for img in &b.config.images {
+            let config: Config = serde_json::from_slice(&self.read_blob(&img.config.digest)?)
+                .map_err(|e| {
+                    BundleError::Corrupt(format!("image config of {}: {e}", img.reference))
+                })?;
+            let diff_ids = config.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+            let chains = if diff_ids.len() == img.layers.len() {
+                kisara_runtime::chain_ids(&diff_ids)
+            } else {
+                Vec::new()
+            };
+            for (i, l) in img.layers.iter().enumerate() {
+                let k = match out.iter().position(|x| x.digest == l.digest) {
+                    Some(k) => k,
+                    None => {
+                        out.push(LayerChains {
+                            digest: l.digest.clone(),
+                            size: l.size,
+                            chains: Vec::new(),
+                            always: false,
+                        });
+                        out.len() - 1
+                    }
+                };
+                match chains.get(i) {
+                    Some(c) => out[k].chains.push(c.clone()),
+                    None => out[k].always = true,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Store::images_tar`] without the files of the layers in `skip`; `manifest.json` still
+    /// names them (an engine that holds a layer's chain never opens its file).
+    pub fn images_tar_without(
+        &self,
+        b: &Bundle,
+        only: Option<&[String]>,
+        skip: &HashSet<Digest>,
+    ) -> Result<(u64, BoxStream<'static, std::io::Result<Bytes>>)> {
         let images: Vec<&ImageEntry> = b
             .config
             .images
@@ -670,7 +777,7 @@ impl Store {
             let mut layers = Vec::new();
             for l in &img.layers {
                 let p = format!("{}/layer.tar", l.digest.hex());
-                if seen.insert(p.clone()) {
+                if seen.insert(p.clone()) && !skip.contains(&l.digest) {
                     entries.push((
                         p.clone(),
                         TarSource::File(self.blob_path(&l.digest), l.size),
@@ -712,6 +819,68 @@ impl Store {
             .chain(stream::once(async { Ok(Bytes::from(vec![0u8; 1024])) }));
         Ok((total, body.boxed()))
     }
+}
+
+/// Blob data is read and handed to the writer in pieces of this size.
+const LOAD_CHUNK: usize = 1 << 20;
+
+/// What the reading half of a load hands the writing half.
+enum Piece {
+    Begin,
+    Data(Vec<u8>),
+    End,
+}
+
+/// The writing half of a load: each blob between `Begin` and `End` into a staged file of its
+/// own, hashed as it is written. Answers the files with their digests and sizes, in order.
+fn write_blobs(
+    stage: &Path,
+    rx: std::sync::mpsc::Receiver<Piece>,
+) -> Result<Vec<(PathBuf, Digest, u64)>> {
+    let mut out = Vec::new();
+    let mut current: Option<(PathBuf, HashingWriter<File>)> = None;
+    for piece in rx {
+        match piece {
+            Piece::Begin => {
+                let f = tempfile::Builder::new()
+                    .prefix("blob-")
+                    .tempfile_in(stage)
+                    .ctx(|| format!("creating a file in {}", stage.display()))?;
+                let (file, path) = f.keep().map_err(|e| BundleError::Io {
+                    context: "keeping a staged blob".into(),
+                    source: e.error,
+                })?;
+                current = Some((path, HashingWriter::new(file)));
+            }
+            Piece::Data(data) => {
+                if let Some((path, w)) = current.as_mut() {
+                    w.write_all(&data)
+                        .ctx(|| format!("writing {}", path.display()))?;
+                }
+            }
+            Piece::End => {
+                if let Some((path, w)) = current.take() {
+                    let (digest, size, _file) = w.finish();
+                    out.push((path, digest, size));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads until `buf` is full or the reader ends; answers the bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 fn ref_name(d: &Descriptor) -> Option<&str> {

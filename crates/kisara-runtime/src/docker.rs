@@ -768,6 +768,34 @@ impl Runtime for DockerRuntime {
         Ok(loaded)
     }
 
+    async fn layer_chains(&self) -> Result<std::collections::HashSet<String>> {
+        /// An engine with more images than this is asked about these only.
+        const MAX_IMAGES: usize = 5000;
+        let images = self
+            .docker
+            .list_images(None::<ListImagesOptions>)
+            .await
+            .map_err(|e| map_err(e, "images"))?;
+        let docker = self.docker.clone();
+        let stacks: Vec<Vec<String>> = futures::stream::iter(images.into_iter().take(MAX_IMAGES))
+            .map(|i| {
+                let docker = docker.clone();
+                async move {
+                    docker
+                        .inspect_image(&i.id)
+                        .await
+                        .ok()
+                        .and_then(|d| d.root_fs)
+                        .and_then(|r| r.layers)
+                        .unwrap_or_default()
+                }
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        Ok(stacks.iter().flat_map(|l| crate::chain_ids(l)).collect())
+    }
+
     fn export_images(&self, refs: &[String]) -> BoxStream<'static, Result<Bytes>> {
         let names: Vec<&str> = refs.iter().map(String::as_str).collect();
         let what = format!("images {}", refs.join(", "));

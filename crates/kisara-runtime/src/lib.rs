@@ -18,6 +18,25 @@ use kisara_api::{EngineInfo, ExecRequest, ExecResult, ImageSummary, NodeStatus, 
 pub mod docker;
 pub mod hollow;
 
+/// Docker's chain ids of a stack of layers given by their diff ids (`sha256:…`, bottom first):
+/// the first is the first diff id, each next one `sha256("<previous chain id> <diff id>")`. The
+/// engine knows a layer by the chain id of the stack it tops.
+pub fn chain_ids<S: AsRef<str>>(diff_ids: &[S]) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.as_ref().to_string(),
+            Some(prev) => format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{prev} {}", d.as_ref())))
+            ),
+        };
+        out.push(next);
+    }
+    out
+}
+
 /// What can go wrong in a runtime call. The variants map onto API error codes at the edge.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -85,6 +104,12 @@ pub trait Runtime: Send + Sync + 'static {
     async fn load_images(&self, tar: BoxStream<'static, Result<Bytes>>) -> Result<Vec<String>>;
     /// The named images as one `docker save`-format tar, streamed as the engine writes it.
     fn export_images(&self, refs: &[String]) -> BoxStream<'static, Result<Bytes>>;
+    /// Chain ids (see [`chain_ids`]) of every layer stack the engine's images are made of. An
+    /// archive for [`Runtime::load_images`] may leave out the file of a layer whose chain is
+    /// here: the engine reuses the layer it has and never opens the file. Empty where unknown.
+    async fn layer_chains(&self) -> Result<std::collections::HashSet<String>> {
+        Ok(std::collections::HashSet::new())
+    }
 
     /// Engine events of the containers matching `filter`: today `die` (a container's main
     /// process ended, for any reason, a requested stop included). Runs until dropped; with
@@ -99,3 +124,18 @@ pub trait Runtime: Send + Sync + 'static {
 
 /// A container event as the runtime reports it (the agent forwards it as is).
 pub use kisara_api::agent::ContainerEvent as RuntimeEvent;
+
+#[cfg(test)]
+mod chain_tests {
+    #[test]
+    fn a_chain_starts_at_the_first_diff_id_and_hashes_each_next_onto_it() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let c = super::chain_ids(&[&a, &b]);
+        assert_eq!(c[0], a);
+        use sha2::Digest;
+        let want = hex::encode(sha2::Sha256::digest(format!("{a} {b}")));
+        assert_eq!(c[1], format!("sha256:{want}"));
+        assert!(super::chain_ids::<&str>(&[]).is_empty());
+    }
+}

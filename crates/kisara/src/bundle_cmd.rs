@@ -16,16 +16,19 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use kisara_api::BundleImagesRequest;
+use kisara_api::{ServiceConfigContainer, ServiceConfigPort};
+use kisara_bundle::apps::AppKind;
 use kisara_bundle::build::{BuildOptions, Progress};
 use kisara_bundle::registry::RegistryOptions;
 use kisara_bundle::store::BundleName;
 use kisara_bundle::Store;
-use kisara_client::{Client, ContainerFilter, LaunchRequest};
+use kisara_client::{Client, Service, ServiceConfig, ServiceFilter, ServiceRequest};
 
 use crate::cli::output::{self, Output};
 use crate::cli::{resolve_token, ClientArgs};
 
-/// Owner given to every container `bundle up` launches: `bundle:<name:tag>`.
+/// Owner given to every service `bundle up` launches: `bundle:<name:tag>`, so the bundle's name
+/// and version label what it launched.
 pub fn owner_of(name: &BundleName) -> String {
     format!("bundle:{name}")
 }
@@ -121,14 +124,24 @@ pub enum BundleCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Launch the bundle's apps through the control plane (one container per service).
+    /// Launch the bundle's apps (LAUNCH, else every APP) as services through the control plane,
+    /// then run its CMD commands here.
     Up {
         name: String,
+        /// Node (id or name) for every app; the scheduler picks one per app otherwise.
+        #[arg(long)]
+        node: Option<String>,
+        /// Allow outbound traffic from the apps' networks.
+        #[arg(long)]
+        internet: bool,
+        /// Seconds to wait for healthchecks (default 120).
+        #[arg(long)]
+        health_timeout: Option<u64>,
         /// Do not run the bundle's CMD commands afterwards.
         #[arg(long)]
         no_cmd: bool,
     },
-    /// Stop and remove every container `bundle up` launched for the bundle.
+    /// Remove every service `bundle up` launched for the bundle (this name and tag only).
     Down { name: String },
 }
 
@@ -408,7 +421,21 @@ pub async fn bundle(args: ClientArgs, cmd: BundleCommand) -> anyhow::Result<i32>
             Ok(0)
         }
         BundleCommand::Images { name, node, all } => images(&args, &name, node, all).await,
-        BundleCommand::Up { name, no_cmd } => up(&args, &out, &name, no_cmd).await,
+        BundleCommand::Up {
+            name,
+            node,
+            internet,
+            health_timeout,
+            no_cmd,
+        } => {
+            let o = UpOptions {
+                node,
+                internet,
+                health_timeout,
+                no_cmd,
+            };
+            up(&args, &out, &name, o).await
+        }
         BundleCommand::Down { name } => down(&args, &name).await,
     }
 }
@@ -464,7 +491,13 @@ async fn images(
         match p.status.as_str() {
             "done" => {
                 pb.finish_and_clear();
-                println!("node {}: loaded {}", p.node_id, p.images.join(", "));
+                // Layers the node's engine held were not sent: the bytes say how much was.
+                println!(
+                    "node {}: loaded {} ({} bytes received)",
+                    p.node_id,
+                    p.images.join(", "),
+                    p.current
+                );
             }
             "error" => {
                 pb.finish_and_clear();
@@ -477,115 +510,243 @@ async fn images(
     Ok(if failed > 0 { 1 } else { 0 })
 }
 
-async fn up(args: &ClientArgs, out: &Output, name: &str, no_cmd: bool) -> anyhow::Result<i32> {
+/// How `bundle up` launches: where, with what network access, how long to wait for health.
+pub struct UpOptions {
+    pub node: Option<String>,
+    pub internet: bool,
+    pub health_timeout: Option<u64>,
+    pub no_cmd: bool,
+}
+
+/// The services request for one app of the bundle: a compose file goes as it is (the bundle's
+/// `ENV` are its `${VAR}` interpolation variables); a Kisara service spec goes as the server's
+/// `ServiceConfig` (its `name` key aside), or, in the bundle's shorter form (`port_protocol`,
+/// ports as numbers, no counts), converted to one, the bundle's `ENV` under each container's own.
+pub fn service_request(
+    b: &kisara_bundle::store::Bundle,
+    app: &kisara_bundle::manifest::AppEntry,
+    text: &str,
+) -> anyhow::Result<ServiceRequest> {
+    let mut req = ServiceRequest {
+        owner: Some(owner_of(&b.name)),
+        module: Some(app.name.clone()),
+        name: Some(app.name.clone()),
+        env: b.config.env.clone(),
+        ..Default::default()
+    };
+    let spec = kisara_bundle::apps::parse_app(&app.name, &app.path, text, &b.config.env)?;
+    match spec.kind {
+        AppKind::Compose => req.compose = Some(text.to_string()),
+        AppKind::KisaraService => {
+            let mut doc = kisara_bundle::apps::document(&app.name, &app.path, text)?;
+            if let Some(o) = doc.as_object_mut() {
+                o.remove("name");
+            }
+            let config = match serde_json::from_value::<ServiceConfig>(doc) {
+                Ok(mut c) => {
+                    for ct in &mut c.containers {
+                        let mut env = b.config.env.clone();
+                        env.append(&mut ct.env);
+                        ct.env = env;
+                    }
+                    c
+                }
+                Err(_) => convert_spec(b, app, &spec)?,
+            };
+            req.config = Some(config);
+        }
+    }
+    Ok(req)
+}
+
+fn convert_spec(
+    b: &kisara_bundle::store::Bundle,
+    app: &kisara_bundle::manifest::AppEntry,
+    spec: &kisara_bundle::apps::AppSpec,
+) -> anyhow::Result<ServiceConfig> {
+    let mut containers = Vec::new();
+    for s in &spec.services {
+        if s.entrypoint.is_some() {
+            bail!(
+                "app {} ({}): container {} sets an entrypoint, which a Kisara service spec cannot \
+                 carry; use a compose file for it",
+                app.name,
+                app.path,
+                s.name
+            );
+        }
+        let mut env = b.config.env.clone();
+        env.extend(s.environment.clone());
+        containers.push(ServiceConfigContainer {
+            name: Some(s.name.clone()),
+            image: s.image.clone(),
+            cmd: s.command.clone(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| ServiceConfigPort {
+                    port: p.target,
+                    protocol: Some(p.protocol.clone()),
+                })
+                .collect(),
+            env,
+            ..Default::default()
+        });
+    }
+    Ok(ServiceConfig {
+        container_count: containers.len(),
+        containers,
+        ..Default::default()
+    })
+}
+
+/// The services the bundle's apps run as (owner `bundle:<name:tag>`).
+async fn bundle_services(client: &Client, name: &BundleName) -> anyhow::Result<Vec<Service>> {
+    let list = client
+        .list_services(&ServiceFilter {
+            owner: Some(owner_of(name)),
+            ..Default::default()
+        })
+        .await?;
+    output::warn_node_errors(&list.node_errors);
+    Ok(list.items)
+}
+
+/// Launches each app of the launch plan as one service (POST /v1/services: placement, networks,
+/// health waits and an all-or-nothing launch are the control plane's), then runs `CMD`. If an
+/// app fails, the apps launched before it are removed again.
+async fn up(args: &ClientArgs, out: &Output, name: &str, o: UpOptions) -> anyhow::Result<i32> {
     let store = local_store(args)?;
     let b = store.get(name)?;
     let client = client(args)?;
-    let owner = owner_of(&b.name);
-    let mut launched = Vec::new();
-    let result: anyhow::Result<()> = async {
-        for app in b.config.launch_plan() {
-            let text = store.read_file(&b, &app.path)?;
-            let text = String::from_utf8(text)
-                .with_context(|| format!("app {} is not UTF-8", app.name))?;
-            let spec = kisara_bundle::apps::parse_app(&app.name, &app.path, &text)?;
-            for svc in &spec.services {
-                let mut env = b.config.env.clone();
-                env.extend(svc.environment.clone());
-                let req = LaunchRequest {
-                    image: svc.image.clone(),
-                    cmd: svc.command.clone(),
-                    entrypoint: svc.entrypoint.clone(),
-                    env,
-                    ports: svc.ports.iter().map(|p| p.spec()).collect(),
-                    owner: Some(owner.clone()),
-                    module: Some(app.name.clone()),
-                    labels: [("bundle.service".to_string(), svc.name.clone())].into(),
-                    ..Default::default()
-                };
-                let c = client.launch(&req).await.with_context(|| {
-                    format!("launching service {} of app {}", svc.name, app.name)
-                })?;
-                launched.push((app.name.clone(), svc.name.clone(), c));
+    let plan = b.config.launch_plan();
+    if plan.is_empty() {
+        bail!("bundle {} has no apps to launch", b.name);
+    }
+    let running = bundle_services(&client, &b.name).await?;
+    if !running.is_empty() {
+        let ids: Vec<&str> = running.iter().map(|s| s.id.as_str()).collect();
+        bail!(
+            "bundle {} is already up (services {}); `kisara bundle down {}` first",
+            b.name,
+            ids.join(", "),
+            b.name
+        );
+    }
+    // Every request is made (and so every app file checked) before anything is launched.
+    let mut requests = Vec::new();
+    for app in &plan {
+        let text = store.read_file(&b, &app.path)?;
+        let text =
+            String::from_utf8(text).with_context(|| format!("app {} is not UTF-8", app.name))?;
+        let mut req = service_request(&b, app, &text)?;
+        req.node = o.node.clone();
+        req.internet = o.internet;
+        req.health_timeout_secs = o.health_timeout;
+        requests.push((app.name.clone(), req));
+    }
+    let mut launched: Vec<(String, Service)> = Vec::new();
+    for (app, req) in &requests {
+        eprintln!("launching app {app}");
+        match client.launch_service(req).await {
+            Ok(s) => launched.push((app.clone(), s)),
+            Err(e) => {
+                // Leave nothing half-made: the apps already up go again.
+                for (_, s) in &launched {
+                    if let Err(e) = client.remove_service(&s.id).await {
+                        eprintln!("warning: removing service {}: {e}", s.id);
+                    }
+                }
+                return Err(anyhow::Error::new(e).context(format!("launching app {app}")));
             }
         }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        // Leave nothing half-made.
-        for (_, _, c) in &launched {
-            let _ = client.stop(&c.id).await;
-        }
-        return Err(e);
     }
     if out.json {
         let v: Vec<_> = launched
             .iter()
-            .map(|(a, s, c)| serde_json::json!({"app": a, "service": s, "container": c}))
+            .map(|(a, s)| serde_json::json!({"app": a, "service": s}))
             .collect();
         out.print_json(&v)?;
     } else {
-        let mut t = output::table(&["APP", "SERVICE", "ID", "NODE", "PORTS"]);
-        for (a, s, c) in &launched {
-            t.add_row(vec![
-                a.clone(),
-                s.clone(),
-                c.id.clone(),
-                c.node_id.clone(),
-                output::format_ports(&c.ports),
-            ]);
+        let mut t = output::table(&["APP", "SERVICE", "CONTAINER", "NODE", "STATE", "PORTS"]);
+        for (a, s) in &launched {
+            for c in &s.containers {
+                t.add_row(vec![
+                    a.clone(),
+                    output::short_id(&s.id).to_string(),
+                    c.service.clone(),
+                    output::short_id(&s.node_id).to_string(),
+                    output::container_state(c.state).to_string(),
+                    output::format_ports(&c.ports),
+                ]);
+            }
         }
         output::print_table(&t)?;
     }
-    if !no_cmd && !b.config.cmd.is_empty() {
+    if !o.no_cmd && !b.config.cmd.is_empty() {
         let stage = store.stage()?;
         store.extract_files(&b, stage.path())?;
         for argv in &b.config.cmd {
             let Some((prog, rest)) = argv.split_first() else {
                 continue;
             };
-            let status = tokio::process::Command::new(prog)
+            // The apps stay up when a CMD fails: they are healthy, and `bundle down` removes them.
+            let mut cmd = tokio::process::Command::new(prog);
+            if out.json {
+                // stdout carries the JSON answer alone; what CMD prints goes to stderr.
+                use std::os::fd::AsFd;
+                let fd = std::io::stderr()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("duplicating stderr for CMD")?;
+                cmd.stdout(std::process::Stdio::from(fd));
+            }
+            let status = cmd
                 .args(rest)
                 .current_dir(stage.path())
                 .envs(&b.config.env)
                 .env("KISARA_URL", &args.url)
                 .env("KISARA_BUNDLE", b.name.to_string())
+                .env("KISARA_OWNER", owner_of(&b.name))
                 .status()
                 .await
                 .with_context(|| format!("running CMD {argv:?}"))?;
             if !status.success() {
-                bail!("CMD {argv:?} failed: {status}");
+                bail!(
+                    "CMD {argv:?} failed: {status} (the apps are up; `kisara bundle down {}` removes them)",
+                    b.name
+                );
             }
         }
     }
     Ok(0)
 }
 
+/// Removes every service the bundle's `bundle up` launched (owner `bundle:<name:tag>`), and
+/// nothing else: other bundles, and other versions of this one, keep theirs.
 async fn down(args: &ClientArgs, name: &str) -> anyhow::Result<i32> {
     let bname = BundleName::parse(name)?;
     let client = client(args)?;
-    let list = client
-        .list_containers(&ContainerFilter {
-            owner: Some(owner_of(&bname)),
-            all: Some(true),
-            ..Default::default()
-        })
-        .await?;
-    output::warn_node_errors(&list.node_errors);
+    let services = bundle_services(&client, &bname).await?;
+    if services.is_empty() {
+        eprintln!("bundle {bname} has no services up");
+        return Ok(0);
+    }
     let mut code = 0;
-    for c in &list.items {
-        match client.stop(&c.id).await {
-            Ok(()) => println!("stopped {} ({})", c.id, c.module.as_deref().unwrap_or("")),
+    for s in &services {
+        match client.remove_service(&s.id).await {
+            Ok(()) => println!(
+                "removed app {} (service {}, {} container(s))",
+                s.module.as_deref().unwrap_or(&s.name),
+                s.id,
+                s.containers.len()
+            ),
             Err(e) if e.status() == Some(404) => {}
             Err(e) => {
                 output::print_error(&e);
                 code = 1;
             }
         }
-    }
-    if list.items.is_empty() {
-        eprintln!("bundle {bname} has no containers");
     }
     Ok(code)
 }

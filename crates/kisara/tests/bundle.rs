@@ -1,11 +1,11 @@
-//! Cluster images end to end, through the `kisara` binary and a whole Kisara in the test
-//! process: build → save → load into a second data dir → images into the engine through the
-//! agent (after `docker rmi` of the app's image: one engine stands in for a second one until the
-//! multi-engine test bed exists) → `bundle up` → the app answers → `bundle down`. Damaged
-//! archives are refused; push and pull go through Debian's docker-registry on loopback; every
-//! example under `examples/bundles/` builds. Needs Docker: fails without it.
+//! Cluster images end to end, through the `kisara` binary: build → save → load into a second data
+//! dir → images into a second engine of the test bed (scripts/testbed.sh) through its agent →
+//! `bundle up` as a service → the app answers on that engine → `bundle down`. Damaged archives are
+//! refused; push and pull go through Debian's docker-registry on loopback; every example under
+//! `examples/bundles/` builds. Needs Docker (and root for the test bed): fails without it.
 
 mod common;
+mod testbed;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -52,10 +52,6 @@ fn docker(args: &[&str]) -> Output {
         .expect("docker CLI")
 }
 
-fn image_exists(r: &str) -> bool {
-    docker(&["image", "inspect", r]).status.success()
-}
-
 /// Removes the images a test tagged, however it ends.
 struct Images(Vec<String>);
 impl Drop for Images {
@@ -94,107 +90,232 @@ fn write_context(dir: &Path, image: &str) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn build_save_load_images_up_down() {
-    let run = run_id();
-    let image = tag_test_image(&run, "web");
-    let _cleanup = Images(vec![image.clone()]);
-    let tmp = tempfile::tempdir().unwrap();
-    let builder_dir = tmp.path().join("builder");
-    let ctx = tmp.path().join("ctx");
-    write_context(&ctx, &image);
-    let name = format!("app-{run}:1.0");
+/// An image of the test's own, made on the main engine: busybox plus a page naming the run, so
+/// what answers can only have come from the bundle.
+fn build_site_image(run: &str, dir: &Path) -> String {
+    let r = format!("kisara-test/bundle-site-{run}:v1");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("index.html"), format!("served by bundle {run}\n")).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!("FROM {IMAGE}\nCOPY index.html /www/index.html\n"),
+    )
+    .unwrap();
+    let out = docker(&["build", "-q", "-t", &r, dir.to_str().unwrap()]);
+    assert!(out.status.success(), "docker build: {out:?}");
+    r
+}
 
-    let built = ok(
+/// The whole road on two engines: build on the main engine → save → load into a second data dir
+/// (the site's operator) → `bundle images --node n2` into the second test bed engine only →
+/// `bundle up` (a service through the control plane: compose interpolation from the bundle's ENV,
+/// a healthcheck waited for, LAUNCH honoured, CMD run) → the app answers on that engine's
+/// address → `bundle down` removes that bundle's services and nothing else.
+#[test]
+fn build_save_load_images_up_down_on_a_second_engine() {
+    let run = run_id();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = build_site_image(&run, &tmp.path().join("image"));
+    let _cleanup = Images(vec![image.clone()]);
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Kisarafile"),
+        "FROM scratch\n\
+         ENV HTTP_PORT=8081\n\
+         COPY compose.yaml apps/\n\
+         COPY spec.json apps/\n\
+         APP web apps/compose.yaml\n\
+         APP tools apps/spec.json\n\
+         LAUNCH web\n\
+         CMD [\"sh\", \"-c\", \"echo CMD ran for $KISARA_BUNDLE as $KISARA_OWNER with port $HTTP_PORT in $(ls apps | tr '\\\\n' ' ')\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ctx.join("compose.yaml"),
+        format!(
+            "services:\n  web:\n    image: {image}\n    command: httpd -f -p ${{HTTP_PORT}} -h /www\n    ports: [\"${{HTTP_PORT}}\"]\n    healthcheck:\n      test: [\"CMD\", \"wget\", \"-q\", \"-O\", \"/dev/null\", \"http://127.0.0.1:${{HTTP_PORT}}/\"]\n      interval: 1s\n      retries: 30\n"
+        ),
+    )
+    .unwrap();
+    // An app LAUNCH leaves out: carried, never started.
+    std::fs::write(
+        ctx.join("spec.json"),
+        format!(r#"{{"name": "tools", "containers": [{{"image": "{image}", "cmd": ["sleep", "600"]}}]}}"#),
+    )
+    .unwrap();
+    let name = format!("app-{run}:1.0");
+    let builder = tmp.path().join("builder");
+    ok(
         kisara(
-            &builder_dir,
+            &builder,
             None,
-            &[
-                "build",
-                "-t",
-                &name,
-                "--build-arg",
-                "WHO=kisara",
-                ctx.to_str().unwrap(),
-            ],
+            &["build", "-t", &name, ctx.to_str().unwrap()],
         ),
         "build",
     );
-    assert!(built.contains(&format!("built {name}")), "{built}");
-    let inspect: serde_json::Value = serde_json::from_str(&ok(
-        kisara(&builder_dir, None, &["bundle", "inspect", &name]),
-        "inspect",
-    ))
-    .unwrap();
-    assert_eq!(inspect["images"][0]["reference"], image.as_str());
-    assert_eq!(inspect["apps"][0]["name"], "web");
-    assert!(inspect["images"][0]["layers"]
-        .as_array()
-        .is_some_and(|l| !l.is_empty()));
-
     let saved = tmp.path().join("app.tar.zst");
     ok(
         kisara(
-            &builder_dir,
+            &builder,
             None,
             &["save", &name, "-o", saved.to_str().unwrap(), "--zstd"],
         ),
         "save",
     );
-
-    // The "site": a fresh Kisara whose data dir receives the bundle.
-    let k = TestCluster::start().await;
-    let url = k.url.clone();
-    let site = k.data_dir.clone();
+    // The operator's data dir at the site: a second store, loaded from the file alone.
+    let site = tmp.path().join("site");
     ok(
         kisara(&site, None, &["load", "-i", saved.to_str().unwrap()]),
         "load",
     );
-    let ls = ok(kisara(&site, None, &["bundle", "ls", "--json"]), "ls");
-    assert!(ls.contains(&name), "{ls}");
 
-    // As if on a second engine: the image is gone until the bundle brings it.
-    assert!(docker(&["rmi", &image]).status.success());
-    assert!(!image_exists(&image));
+    let cluster = testbed::Cluster::start(2);
+    let ids = cluster.node_ids();
+    let site_arg = site.to_str().unwrap();
+    let at_site = |args: &[&str]| {
+        let mut a = vec!["--data-dir", site_arg];
+        a.extend_from_slice(args);
+        cluster.kisara(&a)
+    };
+    let has_image = |k: usize| {
+        cluster
+            .engines
+            .docker(k, &["image", "inspect", &image])
+            .status
+            .success()
+    };
+    assert!(
+        !has_image(0) && !has_image(1),
+        "the test bed engines start without {image}"
+    );
+
+    // Into the second engine only (the server lacks the bundle: the CLI uploads it first).
     let loaded = ok(
-        kisara(&site, Some(&url), &["bundle", "images", &name, "--all"]),
+        at_site(&["bundle", "images", &name, "--node", "n2"]),
         "bundle images",
     );
     assert!(loaded.contains(&image), "{loaded}");
-    assert!(image_exists(&image), "the agent must have loaded {image}");
+    assert!(
+        has_image(1),
+        "the agent of n2 must have loaded {image} into its engine"
+    );
+    // The engine already held the busybox layer under the page: it was not sent again.
+    let received: u64 = loaded
+        .split_once(" bytes received")
+        .and_then(|(head, _)| head.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .expect("bytes received");
+    let inspect: serde_json::Value =
+        serde_json::from_slice(&at_site(&["bundle", "inspect", &name]).stdout).unwrap();
+    let base = inspect["images"][0]["layers"][0]["size"].as_u64().unwrap();
+    assert!(
+        received < base,
+        "{received} bytes received: the {base}-byte base layer the engine holds must be left out"
+    );
+    assert!(!has_image(0), "n1 was not asked for the images");
 
-    let up = ok(
-        kisara(&site, Some(&url), &["bundle", "up", &name, "--json"]),
+    let up = at_site(&["--json", "bundle", "up", &name, "--node", "n2"]);
+    let up_out = ok(
+        Output {
+            status: up.status,
+            stdout: up.stdout.clone(),
+            stderr: up.stderr.clone(),
+        },
         "bundle up",
     );
-    let up: serde_json::Value = serde_json::from_str(&up).unwrap();
-    let c = &up[0]["container"];
-    assert_eq!(c["owner"], format!("bundle:{name}"));
-    assert_eq!(c["module"], "web");
-    let port = c["ports"][0]["public_port"]
-        .as_u64()
-        .expect("a published port") as u16;
-    let answer = http_get("127.0.0.1", port).await;
+    let up_err = String::from_utf8_lossy(&up.stderr);
     assert!(
-        answer.contains("kisara-test"),
-        "the app must answer: {answer:?}"
+        up_err.contains(&format!(
+            "CMD ran for {name} as bundle:{name} with port 8081 in compose.yaml spec.json"
+        )),
+        "CMD must run in the bundle's work tree with its ENV: {up_err}"
     );
+    let up: serde_json::Value = serde_json::from_str(&up_out).expect("bundle up --json");
+    let launched = up.as_array().expect("a list");
+    assert_eq!(launched.len(), 1, "LAUNCH web: only web starts: {up}");
+    assert_eq!(launched[0]["app"], "web");
+    let svc: kisara_api::Service = serde_json::from_value(launched[0]["service"].clone()).unwrap();
+    assert_eq!(
+        svc.owner.as_deref(),
+        Some(format!("bundle:{name}").as_str())
+    );
+    assert_eq!(svc.module.as_deref(), Some("web"));
+    assert_eq!(svc.node_id, ids["n2"]);
+    assert_eq!(svc.state, kisara_api::ServiceState::Running);
+    assert_eq!(svc.containers.len(), 1);
+    assert_eq!(
+        svc.containers[0].health,
+        Some(kisara_api::HealthState::Healthy),
+        "up waits for the healthcheck"
+    );
+    let port = &svc.ports[0];
+    assert_eq!(
+        port.container_port, 8081,
+        "the port came from the bundle's ENV"
+    );
+    assert_eq!(port.public_host, cluster.engines.address(1));
+    let answer = testbed::poll(Duration::from_secs(15), "the app answers", || {
+        http_get_sync(&port.public_host, port.public_port)
+            .filter(|b| b.contains(&format!("served by bundle {run}")))
+    });
+    assert!(answer.contains("200 OK"), "{answer}");
 
-    let down = ok(
-        kisara(&site, Some(&url), &["bundle", "down", &name]),
-        "bundle down",
+    // A second launch of the same bundle is refused; another version is its own.
+    let again = at_site(&["bundle", "up", &name, "--node", "n2", "--no-cmd"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already up"),
+        "{again:?}"
     );
-    assert!(down.contains("stopped"), "{down}");
-    let left = k
-        .client
-        .list_containers(&kisara_client::ContainerFilter {
-            owner: Some(format!("bundle:{name}")),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(left.items.is_empty(), "{:?}", left.items);
-    k.stop().await;
+    let other = format!("app-{run}:2.0");
+    ok(at_site(&["bundle", "tag", &name, &other]), "bundle tag");
+    ok(
+        at_site(&["bundle", "up", &other, "--node", "n2", "--no-cmd"]),
+        "bundle up (2.0)",
+    );
+    let services = |owner: &str| -> Vec<kisara_api::Service> {
+        cluster
+            .json::<kisara_api::ListResponse<kisara_api::Service>>(&[
+                "service", "ls", "--owner", owner,
+            ])
+            .items
+    };
+    assert_eq!(services(&format!("bundle:{other}")).len(), 1);
+
+    let down = ok(at_site(&["bundle", "down", &name]), "bundle down");
+    assert!(down.contains(&svc.id), "{down}");
+    assert!(services(&format!("bundle:{name}")).is_empty());
+    let on_engine: Vec<String> = cluster
+        .engines
+        .kisara_containers(1)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        !on_engine.contains(&svc.containers[0].id),
+        "the 1.0 container must be gone from the engine: {on_engine:?}"
+    );
+    let kept = services(&format!("bundle:{other}"));
+    assert_eq!(kept.len(), 1, "down of 1.0 leaves 2.0 alone");
+    assert!(
+        on_engine.contains(&kept[0].containers[0].id),
+        "{on_engine:?}"
+    );
+    ok(at_site(&["bundle", "down", &other]), "bundle down (2.0)");
+    assert!(cluster.engines.kisara_containers(1).is_empty());
+}
+
+/// One HTTP request over TCP; the response, or `None` when the port does not answer.
+fn http_get_sync(host: &str, port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
 }
 
 #[test]

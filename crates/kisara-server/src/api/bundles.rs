@@ -6,10 +6,11 @@
 //! `GET /v1/bundles/{name}/images.tar` over a connection of their own, with their node
 //! credential (or the admin token) as bearer: bulk bytes never travel the control channel.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
@@ -18,7 +19,8 @@ use kisara_api::agent::Operation;
 use kisara_api::{
     BundleImagesRequest, BundleLoadProgress, BundleSummary, ErrorBody, ListResponse, NODE_ID_HEADER,
 };
-use kisara_bundle::store::Bundle;
+use kisara_bundle::digest::Digest;
+use kisara_bundle::store::{Bundle, LayerChains};
 use kisara_bundle::{BundleError, Store};
 use tokio::io::AsyncWriteExt;
 
@@ -255,18 +257,9 @@ fn node_progress(
     .boxed()
 }
 
-/// The bundle's images as one `docker load` archive (legacy `docker save` layout), streamed
-/// from the store. Bearer: a node credential (with the node id in `x-kisara-node`) or the
-/// admin token.
-#[utoipa::path(get, path = "/v1/bundles/{name}/images.tar",
-    params(("name" = String, Path, description = "`name[:tag]`")),
-    responses((status = 200, content_type = "application/x-tar"),
-              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn images_tar(
-    State(st): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
+/// Agents' bulk routes take a node credential (with the node id in `x-kisara-node`) or the
+/// admin token as bearer.
+fn fetch_allowed(st: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -280,13 +273,56 @@ pub async fn images_tar(
                 .node_credential_matches(id, bearer)
                 .unwrap_or(false)
         });
-    if !allowed {
-        return Err(ApiError::unauthorized("invalid token"));
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("invalid token"))
+    }
+}
+
+/// Which layer files `images.tar` can leave out.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ImagesTarQuery {
+    /// Layer digests (64 hex digits each, comma-separated) whose files the node does not need:
+    /// `manifest.json` still names them.
+    #[serde(default)]
+    pub skip: Option<String>,
+}
+
+/// Most layers one request may skip (a bundle with more sends the rest).
+const MAX_SKIP: usize = 1000;
+
+/// The bundle's images as one `docker load` archive (legacy `docker save` layout), streamed
+/// from the store, without the layer files named in `skip`. Bearer: a node credential (with the
+/// node id in `x-kisara-node`) or the admin token.
+#[utoipa::path(get, path = "/v1/bundles/{name}/images.tar",
+    params(("name" = String, Path, description = "`name[:tag]`"), ImagesTarQuery),
+    responses((status = 200, content_type = "application/x-tar"),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+pub async fn images_tar(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<ImagesTarQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    fetch_allowed(&st, &headers)?;
+    let mut skip = HashSet::new();
+    for hex in q
+        .skip
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .take(MAX_SKIP)
+    {
+        skip.insert(Digest::from_hex(hex).map_err(api_error)?);
     }
     let store = store(&st)?;
     let (len, body) = blocking(move || {
         let b = store.get(&name)?;
-        store.images_tar(&b, None)
+        store.images_tar_without(&b, None, &skip)
     })
     .await?;
     Response::builder()
@@ -294,4 +330,25 @@ pub async fn images_tar(
         .header(header::CONTENT_LENGTH, len)
         .body(Body::from_stream(body))
         .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Each layer file of the bundle's images with the chain ids it sits at, so that a node can
+/// ask `images.tar` to leave out the layers its engine holds. Bearer as for `images.tar`.
+#[utoipa::path(get, path = "/v1/bundles/{name}/layers",
+    params(("name" = String, Path, description = "`name[:tag]`")),
+    responses((status = 200, body = serde_json::Value),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn layers(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<LayerChains>>> {
+    fetch_allowed(&st, &headers)?;
+    let store = store(&st)?;
+    let out = blocking(move || {
+        let b = store.get(&name)?;
+        store.layer_chains(&b)
+    })
+    .await?;
+    Ok(Json(out))
 }

@@ -140,6 +140,7 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
         .routes(routes!(healthz))
         // Authenticates on its own: agents fetch with their node credential.
         .routes(routes!(bundles::images_tar))
+        .routes(routes!(bundles::layers))
         .split_for_parts();
     let mut spec = spec;
     spec.merge(public_spec);
