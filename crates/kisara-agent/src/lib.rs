@@ -84,6 +84,9 @@ pub struct Agent {
 
 /// Heartbeats between two reports of the engine's images (a minute at the default 5 s).
 const IMAGE_REPORT_EVERY: u64 = 12;
+/// How long operations in progress may run on after the channel dropped, before the agent
+/// reconnects (and takes the inventory the server reconciles from).
+const SETTLE_ON_DROP: Duration = Duration::from_secs(30);
 
 /// Outcome of one connection.
 enum SessionEnd {
@@ -384,11 +387,15 @@ impl Agent {
 
         let streams: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Default::default();
         let mut tasks = tokio::task::JoinSet::new();
+        // Tunnels live apart from operations: when the channel drops, operations are let
+        // finish (see below) but tunnels end with the session.
+        let mut tunnels = tokio::task::JoinSet::new();
         let end = loop {
             let frame = tokio::select! {
                 f = stream.next() => f,
                 _ = shutdown.cancelled() => break SessionEnd::Shutdown,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                Some(_) = tunnels.join_next(), if !tunnels.is_empty() => continue,
             };
             let text = match frame {
                 Some(Ok(Message::Text(t))) => t,
@@ -407,7 +414,7 @@ impl Agent {
                 }) => match &dialer {
                     // Owned by the session: a dropped channel ends its tunnels too.
                     Some(d) => {
-                        tasks.spawn(tunnel::open(
+                        tunnels.spawn(tunnel::open(
                             d.clone(),
                             id,
                             tunnel_id,
@@ -475,6 +482,30 @@ impl Agent {
         };
         heartbeat.abort();
         engine_events.abort();
+        tunnels.abort_all();
+        if matches!(end, SessionEnd::Dropped) && !tasks.is_empty() {
+            // Operations already sent to the engine (a launch, a network) are let finish
+            // rather than cut off half-way: the engine would often complete them anyway,
+            // after the next session's inventory was taken, and the server would then have
+            // settled their rows as interrupted and never learn of what they made. Streams
+            // (logs, pulls, loads) have no result to keep and end now.
+            if let Ok(mut s) = streams.lock() {
+                for (_, h) in s.drain() {
+                    h.abort();
+                }
+            }
+            let pending = tasks.len();
+            let settled = tokio::time::timeout(SETTLE_ON_DROP, async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await
+            .is_ok();
+            tracing::info!(
+                operations = pending,
+                settled,
+                "channel dropped; let the operations in progress finish before reconnecting"
+            );
+        }
         tasks.abort_all();
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;

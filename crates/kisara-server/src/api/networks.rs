@@ -18,9 +18,11 @@ use crate::error::{ApiError, ApiResult};
 use crate::{new_id, now, placement, AppState};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Another program on the engine can take a subnet between our look and our create; retry
-/// with the next free one this many times.
-const OVERLAP_RETRIES: usize = 8;
+/// Another program on the engine (or another Kisara cluster sharing it, which allocates from
+/// the same pool) can take a subnet between our look and our create; retry with the next
+/// free one this many times. The used-subnets view is cached per session, so the first try
+/// may be stale: each retry asks the engine again.
+const OVERLAP_RETRIES: usize = 32;
 
 /// Create a network: an explicit subnet, or the next free one from the pool.
 #[utoipa::path(post, path = "/v1/networks", request_body = CreateNetworkRequest,
