@@ -180,6 +180,18 @@ printf 'burst: %d launches, %s s, server kill -9 after %d answered (%d finished)
     "$BURST" "$(elapsed "$T0" "$T_END")" "$A_KILL" "$D_KILL" "$(elapsed "$T_KILL" "$T_UP")"
 echo "burst: answered $N_ACKED, failed $FAILED; on engines $N_ENGINES, listed $N_LISTED (settled in ${t} s)"
 echo "burst: orphaned $ORPHANED, lost $LOST, on two engines $DUPS, still launching $N_LAUNCHING (target 0 0 0 0)"
+# Evidence for any orphan: its engine, state and creation time (the engines go at the end).
+if [[ $ORPHANED -gt 0 ]]; then
+    for kid in $(comm -23 <(uniq <<<"$ON_ENGINES") <(echo "$LISTED")); do
+        for ((i = FIRST; i <= LAST; i++)); do
+            docker -H "unix:///run/kisara-testbed/engine-$i.sock" ps -a --no-trunc \
+                --filter "label=io.kisara.container=$kid" \
+                --format "burst: orphan $kid on engine $i: {{.State}} {{.Status}} created {{.CreatedAt}}"
+        done
+    done
+    grep -h "$(comm -23 <(uniq <<<"$ON_ENGINES") <(echo "$LISTED") | head -1)" "$WORK"/server.log "$WORK"/agent-*.log \
+        2>/dev/null | tail -5 >&2 || true
+fi
 
 # ---- 2. an agent cut off for PAUSE seconds ----------------------------------------------------
 SINCE=$(curl -sN --max-time 2 -H "Authorization: Bearer $TOKEN" "$URL/v1/events?kinds=node." |
