@@ -209,14 +209,7 @@ impl Store {
         stage: &Path,
         reader: &mut dyn Read,
     ) -> Result<(PathBuf, Digest, u64)> {
-        let f = tempfile::Builder::new()
-            .prefix("blob-")
-            .tempfile_in(stage)
-            .ctx(|| format!("creating a file in {}", stage.display()))?;
-        let (file, path) = f.keep().map_err(|e| BundleError::Io {
-            context: "keeping a staged blob".into(),
-            source: e.error,
-        })?;
+        let (file, path) = staged_file(stage)?;
         let mut w = HashingWriter::new(std::io::BufWriter::new(file));
         std::io::copy(reader, &mut w).ctx(|| "reading blob data".to_string())?;
         let (digest, size, mut inner) = w.finish();
@@ -842,14 +835,7 @@ fn write_blobs(
     for piece in rx {
         match piece {
             Piece::Begin => {
-                let f = tempfile::Builder::new()
-                    .prefix("blob-")
-                    .tempfile_in(stage)
-                    .ctx(|| format!("creating a file in {}", stage.display()))?;
-                let (file, path) = f.keep().map_err(|e| BundleError::Io {
-                    context: "keeping a staged blob".into(),
-                    source: e.error,
-                })?;
+                let (file, path) = staged_file(stage)?;
                 current = Some((path, HashingWriter::new(file)));
             }
             Piece::Data(data) => {
@@ -980,4 +966,16 @@ fn tar_entry(name: String, src: TarSource) -> BoxStream<'static, std::io::Result
         },
     );
     head.chain(body).chain(tail).boxed()
+}
+
+/// A new file in the staging dir `stage`, kept (not deleted on drop): its handle and path.
+fn staged_file(stage: &Path) -> Result<(File, PathBuf)> {
+    let f = tempfile::Builder::new()
+        .prefix("blob-")
+        .tempfile_in(stage)
+        .ctx(|| format!("creating a file in {}", stage.display()))?;
+    f.keep().map_err(|e| BundleError::Io {
+        context: "keeping a staged blob".into(),
+        source: e.error,
+    })
 }

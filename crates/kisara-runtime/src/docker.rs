@@ -152,16 +152,7 @@ impl DockerRuntime {
             .docker
             .create_container(Some(options.build()), body)
             .await
-            .map_err(|e| match e {
-                BollardError::DockerResponseServerError {
-                    status_code: 404,
-                    message,
-                } if message.contains("No such image") => RuntimeError::NotFound(format!(
-                    "image {} is not on this node ({message})",
-                    config.image
-                )),
-                e => map_err(e, &format!("container {}", config.name)),
-            })?;
+            .map_err(|e| create_error(e, &config.image, &format!("container {}", config.name)))?;
         for warning in &created.warnings {
             tracing::debug!(container = %created.id, %warning, "engine warning on create");
         }
@@ -217,15 +208,12 @@ impl DockerRuntime {
                 },
             )
             .await
-            .map_err(|e| match e {
-                BollardError::DockerResponseServerError {
-                    status_code: 404,
-                    message,
-                } if message.contains("No such image") => RuntimeError::NotFound(format!(
-                    "image {} is not on this node ({message})",
-                    config.image
-                )),
-                e => map_err(e, &format!("image {} with flag files", config.image)),
+            .map_err(|e| {
+                create_error(
+                    e,
+                    &config.image,
+                    &format!("image {} with flag files", config.image),
+                )
             })?;
         let committed = match self.put_files(&helper.id, &config.files).await {
             Ok(()) => self
@@ -892,6 +880,20 @@ impl DockerRuntime {
 }
 
 /// Maps an engine error onto the trait's error kinds; `what` names the object for the message.
+/// A container create's error: a missing image names the image, anything else goes through
+/// `map_err` with `what`.
+fn create_error(e: BollardError, image: &str, what: &str) -> RuntimeError {
+    match e {
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            message,
+        } if message.contains("No such image") => {
+            RuntimeError::NotFound(format!("image {image} is not on this node ({message})"))
+        }
+        e => map_err(e, what),
+    }
+}
+
 fn map_err(e: BollardError, what: &str) -> RuntimeError {
     match e {
         BollardError::DockerResponseServerError {

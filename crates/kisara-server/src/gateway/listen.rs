@@ -159,14 +159,7 @@ async fn serve_udp(st: std::sync::Weak<AppState>, socket: Arc<UdpSocket>, route:
                 .ok_or_else(|| io::Error::other("server shutting down"))?;
             let (node_id, node_name, target) = resolve(&st, &route)?;
             if st.gateway.is_direct(&node_name) {
-                let bind: SocketAddr = if target.is_ipv4() {
-                    ([0, 0, 0, 0], 0).into()
-                } else {
-                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-                };
-                let s = kisara_tunnel::udp::bind(bind).await?;
-                s.connect(target).await?;
-                Ok(Upstream::Socket(s))
+                Ok(Upstream::Socket(connected_udp(target).await?))
             } else {
                 let stream =
                     super::tunnel::open(&st, &node_id, &target.to_string(), Protocol::Udp).await?;
@@ -178,6 +171,18 @@ async fn serve_udp(st: std::sync::Weak<AppState>, socket: Arc<UdpSocket>, route:
     if let Err(e) = r {
         tracing::warn!(error = %e, "gateway UDP listener failed");
     }
+}
+
+/// A UDP socket of ours, of `target`'s address family, connected to it.
+async fn connected_udp(target: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = kisara_tunnel::udp::bind(bind).await?;
+    s.connect(target).await?;
+    Ok(s)
 }
 
 /// One UDP visitor of a standalone gateway: framed datagrams on `stream`, carried to the
@@ -192,13 +197,7 @@ pub(super) async fn serve_udp_stream<V: Duplex + 'static>(
     let acct = st.gateway.accounting(st, &route.container_id, &node_id);
     let _open: Vec<_> = acct.meters.iter().map(|m| m.open_guard()).collect();
     if st.gateway.is_direct(&node_name) {
-        let bind: SocketAddr = if target.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let s = kisara_tunnel::udp::bind(bind).await?;
-        s.connect(target).await?;
+        let s = connected_udp(target).await?;
         kisara_tunnel::udp::stream_to_connected(stream, s, st.gateway.settings.udp_idle, &acct)
             .await
     } else {
