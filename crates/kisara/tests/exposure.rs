@@ -18,8 +18,10 @@ const FIXTURE: &str = "kisara-test/udp-echo:latest";
 
 /// A block of 8 ports of this test process's own, so concurrent tests rarely meet (and
 /// when they do, the allocator skips ports another program holds).
+/// Ports below the kernel's ephemeral range (32768 and up here), so no outgoing connection of
+/// another test can be holding one of them.
 fn port_block(slot: u16) -> (u16, u16) {
-    let base = 42000 + (std::process::id() % 400) as u16 * 40 + slot * 10;
+    let base = 16000 + (std::process::id() % 380) as u16 * 40 + slot * 10;
     (base, base + 7)
 }
 
