@@ -586,3 +586,156 @@ async fn a_services_ports_are_leased_from_the_range_and_released_with_it() {
     cl.assert_clean().await;
     cl.stop().await;
 }
+
+#[tokio::test]
+async fn a_services_ports_go_through_the_gateway_in_its_mode() {
+    let (gw, host) = (port_block(21), port_block(22));
+    // Nodes that name no mode expose through the gateway: a service's default.
+    let toml = config(gw, host).replace("[server]\n", "[server]\nexposure = \"gateway\"\n");
+    let cl = TestCluster::start_with(&toml).await;
+    let compose = format!(
+        "name: viagw\nservices:\n  echo:\n    image: {FIXTURE}\n    command: [\"sh\", \"-c\", \"kfix tcp-echo 80 & exec kfix udp-echo 53\"]\n    ports: [\"80\", \"53/udp\"]\n"
+    );
+    let mut req = kisara_api::ServiceRequest {
+        compose: Some(compose),
+        owner: Some("team1".into()),
+        ..Default::default()
+    };
+    let s = cl.client.launch_service(&req).await.expect("service up");
+    let ports = &s.containers[0].ports;
+    let tcp = ports.iter().find(|p| p.protocol == Protocol::Tcp).unwrap();
+    let udp = ports.iter().find(|p| p.protocol == Protocol::Udp).unwrap();
+    assert!(
+        (gw.0..=gw.1).contains(&tcp.public_port) && (gw.0..=gw.1).contains(&udp.public_port),
+        "not gateway ports: {ports:?}"
+    );
+    assert_eq!(tcp.public_host, "127.0.0.1");
+    assert_eq!(
+        s.host_port,
+        format!(
+            "127.0.0.1:{},127.0.0.1:{}",
+            tcp.public_port, udp.public_port
+        )
+    );
+    // Nothing is published on the node; the leases carry the service and its container.
+    let inspect = common::docker_inspect(&s.containers[0].docker_id);
+    let bindings = &inspect["HostConfig"]["PortBindings"];
+    assert!(
+        bindings.is_null() || bindings.as_object().is_some_and(|m| m.is_empty()),
+        "{bindings}"
+    );
+    let leases = cl.server.state().store.list_leases().unwrap();
+    assert_eq!(leases.len(), 2, "{leases:?}");
+    assert!(
+        leases.iter().all(|l| l.scope == kisara_store::GATEWAY_SCOPE
+            && l.service_id.as_deref() == Some(s.id.as_str())
+            && l.container_id.as_deref() == Some(s.containers[0].id.as_str())),
+        "{leases:?}"
+    );
+    // Visitor → gateway → agent tunnel → the service's container, TCP and UDP.
+    assert_eq!(
+        tcp_echo(tcp.public_port, b"service via gateway\n").await,
+        b"service via gateway\n"
+    );
+    assert_eq!(udp_echo(udp.public_port, b"svc dgram").await, b"svc dgram");
+    // `kisara ps` (the container list) shows the same addresses.
+    let list = cl
+        .client
+        .list_containers(&Default::default())
+        .await
+        .unwrap();
+    let row = list
+        .items
+        .iter()
+        .find(|c| c.id == s.containers[0].id)
+        .expect("the service's container is listed");
+    assert_eq!(row.ports, *ports);
+    assert_eq!(row.host_port, s.host_port);
+
+    // Removed: the listeners close, the leases go back, and the next service gets the ports.
+    let (tcp_port, udp_port) = (tcp.public_port, udp.public_port);
+    cl.client.remove_service(&s.id).await.expect("service down");
+    assert!(
+        cl.server.state().store.list_leases().unwrap().is_empty(),
+        "leases left after the service went"
+    );
+    assert!(
+        !tcp_open(tcp_port).await,
+        "the gateway still listens on {tcp_port}"
+    );
+    let again = cl
+        .client
+        .launch_service(&req)
+        .await
+        .expect("service up again");
+    let p2 = &again.containers[0].ports;
+    assert!(
+        p2.iter()
+            .any(|p| p.protocol == Protocol::Tcp && p.public_port == tcp_port)
+            && p2
+                .iter()
+                .any(|p| p.protocol == Protocol::Udp && p.public_port == udp_port),
+        "released ports not reused: {p2:?}"
+    );
+    assert_eq!(tcp_echo(tcp_port, b"again\n").await, b"again\n");
+    cl.client
+        .remove_service(&again.id)
+        .await
+        .expect("service down");
+
+    // The request overrides the default: host mode, a host port of the node's range.
+    req.expose = Some(ExposeMode::Host);
+    let h = cl
+        .client
+        .launch_service(&req)
+        .await
+        .expect("host-mode service");
+    let hp = h.containers[0]
+        .ports
+        .iter()
+        .find(|p| p.protocol == Protocol::Tcp)
+        .unwrap()
+        .public_port;
+    assert!(
+        (host.0..=host.1).contains(&hp),
+        "{:?}",
+        h.containers[0].ports
+    );
+    assert_eq!(tcp_echo(hp, b"host\n").await, b"host\n");
+    cl.client.remove_service(&h.id).await.expect("service down");
+    cl.assert_clean().await;
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn a_gateway_service_is_refused_without_the_gateway_role() {
+    let cl = TestCluster::start_with(&format!(
+        "[server]\nport_range = \"{}-{}\"\n",
+        port_block(23).0,
+        port_block(23).1
+    ))
+    .await;
+    let req = kisara_api::ServiceRequest {
+        compose: Some(format!(
+            "services:\n  echo:\n    image: {FIXTURE}\n    command: [\"kfix\", \"tcp-echo\", \"80\"]\n    ports: [\"80\"]\n"
+        )),
+        expose: Some(ExposeMode::Gateway),
+        ..Default::default()
+    };
+    let err = cl
+        .client
+        .launch_service(&req)
+        .await
+        .expect_err("no gateway");
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("gateway"), "{err}");
+    assert!(cl
+        .client
+        .list_services(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    cl.assert_clean().await;
+    cl.stop().await;
+}
