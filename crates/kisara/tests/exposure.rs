@@ -113,6 +113,23 @@ async fn udp_echo(port: u16, msg: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Sends `n` datagrams of `size` bytes from one socket, each only once the previous one came
+/// back (the echo is known to be up: no datagram is lost or sent twice).
+async fn udp_lockstep(port: u16, n: u64, size: usize) {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    for i in 0..n {
+        let msg = vec![i as u8; size];
+        s.send(&msg).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), s.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("datagram {i} on {port} never came back"))
+            .unwrap();
+        assert_eq!(&buf[..got], &msg[..]);
+    }
+}
+
 /// Whether anything accepts TCP on the port now.
 async fn tcp_open(port: u16) -> bool {
     matches!(
@@ -420,6 +437,29 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
         .traffic
         .expect("traffic counted");
     assert!(t.bytes_in >= 31 + 1200 && t.bytes_out >= 31 + 1200, "{t:?}");
+    // Exactly the datagrams' payload is counted, each way (not the relay's frame headers).
+    let (n, size) = (10u64, 1000usize);
+    udp_lockstep(udp, n, size).await;
+    let want = (t.bytes_in + n * size as u64, t.bytes_out + n * size as u64);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let now = cl
+            .client
+            .container(&c.id)
+            .await
+            .expect("inspect")
+            .traffic
+            .expect("traffic counted");
+        if (now.bytes_in, now.bytes_out) >= want || Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (seen.bytes_in, seen.bytes_out),
+        want,
+        "{n} datagrams of {size} bytes each way, counted from {t:?}"
+    );
 
     // Stopped: the gateway closes the port within a few polls.
     cl.client.stop(&c.id).await.expect("stop");
