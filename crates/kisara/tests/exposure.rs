@@ -403,8 +403,11 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
                 "127.0.0.1",
                 "--poll-ms",
                 "200",
+                // Its credential is the server's gateway.token, read from the data dir.
+                "--data-dir",
+                &cl.data_dir.to_string_lossy(),
             ])
-            .env("KISARA_TOKEN", &cl.token)
+            .env_remove("KISARA_TOKEN")
             .env("KISARA_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -772,6 +775,67 @@ async fn a_gateway_service_is_refused_without_the_gateway_role() {
     assert!(cl
         .client
         .list_services(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    cl.assert_clean().await;
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn the_gateway_token_opens_the_gateways_endpoints_and_nothing_else() {
+    let cl = TestCluster::start_with(&config(port_block(24), port_block(25))).await;
+    let path = cl.data_dir.join("gateway.token");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "gateway.token is readable by others");
+    let gw_token = std::fs::read_to_string(&path).unwrap().trim().to_string();
+    assert_eq!(gw_token, cl.server.state().gateway_token().expose());
+    assert_ne!(gw_token, cl.token);
+    let http = reqwest::Client::new();
+    let status = |method: reqwest::Method, path: &str, token: &str| {
+        let req = http
+            .request(method, format!("{}{path}", cl.url))
+            .bearer_auth(token);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // Accepted where the gateway role needs it (and the admin token still is, too).
+    assert_eq!(
+        status(reqwest::Method::GET, "/v1/gateway/ports", &gw_token).await,
+        200
+    );
+    assert_eq!(
+        status(reqwest::Method::GET, "/v1/gateway/ports", &cl.token).await,
+        200
+    );
+    assert_eq!(
+        status(reqwest::Method::GET, "/v1/gateway/ports", "ksg_wrong").await,
+        401
+    );
+    // Refused everywhere else: listing, metrics, nodes.
+    for path in ["/v1/containers", "/metrics", "/v1/nodes", "/v1/services"] {
+        assert_eq!(
+            status(reqwest::Method::GET, path, &gw_token).await,
+            403,
+            "GET {path} with the gateway token"
+        );
+    }
+    // And a launch: refused, nothing made.
+    let r = http
+        .post(format!("{}/v1/containers", cl.url))
+        .bearer_auth(&gw_token)
+        .json(&echo_request(ExposeMode::Gateway))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("gateway token"), "{body}");
+    assert!(!body.contains(&gw_token), "the token was echoed: {body}");
+    assert!(cl
+        .client
+        .list_containers(&Default::default())
         .await
         .unwrap()
         .items

@@ -221,10 +221,19 @@ fn data_dir_from(var: impl Fn(&str) -> Option<OsString>) -> PathBuf {
 /// The token to send: `explicit` (from `--token` / `KISARA_TOKEN`) if non-empty, else the
 /// content of `<data_dir>/admin.token`, else none. Surrounding whitespace is dropped.
 pub fn resolve_token(explicit: Option<String>, data_dir: &Path) -> anyhow::Result<Option<String>> {
+    resolve_token_file(explicit, data_dir, TOKEN_FILE)
+}
+
+/// [`resolve_token`] with another token file of the data directory (e.g. `gateway.token`).
+pub fn resolve_token_file(
+    explicit: Option<String>,
+    data_dir: &Path,
+    file: &str,
+) -> anyhow::Result<Option<String>> {
     if let Some(t) = explicit.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
         return Ok(Some(t.to_string()));
     }
-    let path = data_dir.join(TOKEN_FILE);
+    let path = data_dir.join(file);
     match std::fs::read_to_string(&path) {
         Ok(s) => Ok(Some(s.trim().to_string()).filter(|t| !t.is_empty())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
