@@ -330,41 +330,38 @@ pub async fn stream_to_connected<S: Duplex>(
 /// Carries framed datagrams both ways between two streams (a standalone gateway's relayed
 /// visitor and a node's tunnel), frame by frame, counting payload bytes only (the 2-byte
 /// length of each frame is the tunnel's, not the visitor's traffic). Each end of stream is
-/// passed on as a half-close; ends when both directions have ended or either fails.
+/// passed on as a half-close; ends when both directions have ended or either fails. Returns
+/// the payload bytes in and out.
 pub async fn relay_framed<V: Duplex, U: Duplex>(
     visitor: V,
     upstream: U,
     acct: &Accounting,
-) -> io::Result<()> {
+) -> io::Result<(u64, u64)> {
     let (vr, vw) = tokio::io::split(visitor);
     let (ur, uw) = tokio::io::split(upstream);
-    let inbound = pump_framed(vr, uw, acct, Direction::In);
-    let outbound = pump_framed(ur, vw, acct, Direction::Out);
-    tokio::pin!(inbound, outbound);
-    let (mut done_in, mut done_out) = (false, false);
-    while !(done_in && done_out) {
-        tokio::select! {
-            r = &mut inbound, if !done_in => { r?; done_in = true; }
-            r = &mut outbound, if !done_out => { r?; done_out = true; }
-        }
-    }
-    Ok(())
+    crate::relay::both_ways(
+        pump_framed(vr, uw, acct, Direction::In),
+        pump_framed(ur, vw, acct, Direction::Out),
+    )
+    .await
 }
 
-async fn pump_framed<R, W>(mut r: R, mut w: W, acct: &Accounting, dir: Direction) -> io::Result<()>
+async fn pump_framed<R, W>(mut r: R, mut w: W, acct: &Accounting, dir: Direction) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     use tokio::io::AsyncWriteExt;
     let mut buf = Vec::new();
+    let mut total = 0u64;
     while read_datagram(&mut r, &mut buf).await? {
         acct.pass(dir, buf.len()).await;
         write_datagram(&mut w, &buf).await?;
+        total += buf.len() as u64;
     }
     // The peer may already be gone; its half-close is best effort.
     let _ = w.shutdown().await;
-    Ok(())
+    Ok(total)
 }
 
 #[cfg(test)]
@@ -470,13 +467,14 @@ mod tests {
         }
         visitor.shutdown().await.unwrap();
         container.shutdown().await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task)
+        let carried = tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("the relay ends with both streams")
             .unwrap()
             .unwrap();
         let sent: usize = sizes.iter().sum();
         let back: usize = sizes.iter().map(|n| n / 2).sum();
+        assert_eq!(carried, (sent as u64, back as u64));
         assert_eq!(meter.bytes_in.load(Ordering::Relaxed), sent as u64);
         assert_eq!(meter.bytes_out.load(Ordering::Relaxed), back as u64);
     }

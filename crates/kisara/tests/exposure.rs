@@ -372,6 +372,23 @@ async fn bad_exposure_requests_are_refused_before_anything_is_made() {
     req.bandwidth_kbps = Some(0);
     let err = cl.client.launch(&req).await.expect_err("zero cap");
     assert_eq!(err.status(), Some(400), "{err}");
+    // So is a service asking for gateway mode.
+    let svc = kisara_api::ServiceRequest {
+        compose: Some(format!(
+            "services:\n  echo:\n    image: {FIXTURE}\n    command: [\"kfix\", \"tcp-echo\", \"80\"]\n    ports: [\"80\"]\n"
+        )),
+        expose: Some(ExposeMode::Gateway),
+        ..Default::default()
+    };
+    let err = cl
+        .client
+        .launch_service(&svc)
+        .await
+        .expect_err("no gateway");
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("gateway"), "{err}");
+    let services = cl.client.list_services(&Default::default()).await.unwrap();
+    assert!(services.items.is_empty(), "{:?}", services.items);
     cl.assert_clean().await;
     cl.stop().await;
 }
@@ -746,39 +763,6 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
     );
     assert_eq!(tcp_echo(hp, b"host\n").await, b"host\n");
     cl.client.remove_service(&h.id).await.expect("service down");
-    cl.assert_clean().await;
-    cl.stop().await;
-}
-
-#[tokio::test]
-async fn a_gateway_service_is_refused_without_the_gateway_role() {
-    let cl = TestCluster::start_with(&format!(
-        "[server]\nport_range = \"{}-{}\"\n",
-        port_block(23).0,
-        port_block(23).1
-    ))
-    .await;
-    let req = kisara_api::ServiceRequest {
-        compose: Some(format!(
-            "services:\n  echo:\n    image: {FIXTURE}\n    command: [\"kfix\", \"tcp-echo\", \"80\"]\n    ports: [\"80\"]\n"
-        )),
-        expose: Some(ExposeMode::Gateway),
-        ..Default::default()
-    };
-    let err = cl
-        .client
-        .launch_service(&req)
-        .await
-        .expect_err("no gateway");
-    assert_eq!(err.status(), Some(400), "{err}");
-    assert!(err.to_string().contains("gateway"), "{err}");
-    assert!(cl
-        .client
-        .list_services(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .is_empty());
     cl.assert_clean().await;
     cl.stop().await;
 }

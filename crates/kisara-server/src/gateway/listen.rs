@@ -203,6 +203,7 @@ pub(super) async fn serve_udp_stream<V: Duplex + 'static>(
     } else {
         let tunnel = super::tunnel::open(st, &node_id, &target.to_string(), Protocol::Udp).await?;
         // Frame by frame: the count is the datagrams' payload, not the frames' headers.
-        kisara_tunnel::udp::relay_framed(stream, tunnel, &acct).await
+        kisara_tunnel::udp::relay_framed(stream, tunnel, &acct).await?;
+        Ok(())
     }
 }
