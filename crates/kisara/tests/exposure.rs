@@ -698,6 +698,31 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
         b"service via gateway\n"
     );
     assert_eq!(udp_echo(udp.public_port, b"svc dgram").await, b"svc dgram");
+    // A reconnecting agent serves the service's port again; a restarted gateway reopens it.
+    let mut cl = cl;
+    cl.stop_agent().await;
+    cl.start_agent().await;
+    cl.wait_ready().await;
+    assert_eq!(
+        tcp_echo(tcp.public_port, b"agent back\n").await,
+        b"agent back\n"
+    );
+    let cl = cl.restart().await;
+    poll_until("the gateway reopened the service's port", || {
+        tcp_open(tcp.public_port)
+    })
+    .await;
+    assert_eq!(
+        tcp_echo(tcp.public_port, b"server back\n").await,
+        b"server back\n"
+    );
+    assert_eq!(udp_echo(udp.public_port, b"udp back").await, b"udp back");
+    let seen = cl.client.service(&s.id).await.expect("service inspect");
+    assert_eq!(
+        seen.containers[0].ports, *ports,
+        "same ports after the restart"
+    );
+    assert_eq!(seen.host_port, s.host_port);
     // `kisara ps` (the container list) shows the same addresses.
     let list = cl
         .client
