@@ -656,7 +656,7 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
     let compose = format!(
         "name: viagw\nservices:\n  echo:\n    image: {FIXTURE}\n    command: [\"sh\", \"-c\", \"kfix tcp-echo 80 & exec kfix udp-echo 53\"]\n    ports: [\"80\", \"53/udp\"]\n"
     );
-    let mut req = kisara_api::ServiceRequest {
+    let req = kisara_api::ServiceRequest {
         compose: Some(compose),
         owner: Some("team1".into()),
         ..Default::default()
@@ -768,13 +768,31 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
         .await
         .expect("service down");
 
-    // The request overrides the default: host mode, a host port of the node's range.
-    req.expose = Some(ExposeMode::Host);
-    let h = cl
-        .client
-        .launch_service(&req)
-        .await
-        .expect("host-mode service");
+    // The request overrides the default (here from the CLI, `kisara service up --expose
+    // host`): a host port of the node's range.
+    let file = cl.data_dir.join("viagw.yaml");
+    std::fs::write(&file, req.compose.as_deref().unwrap()).unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (url, token, file) = (cl.url.clone(), cl.token.clone(), file.clone());
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
+                .args(["--url", &url, "--json", "service", "up", "-f"])
+                .arg(&file)
+                .args(["--expose", "host", "--owner", "team1"])
+                .env("KISARA_TOKEN", &token)
+                .env("KISARA_LOG", "warn")
+                .output()
+                .expect("kisara service up runs")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "kisara service up --expose host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h: kisara_api::Service = serde_json::from_slice(&out.stdout).expect("service JSON");
     let hp = h.containers[0]
         .ports
         .iter()

@@ -388,6 +388,25 @@ mod tests {
         assert!(Cli::try_parse_from(["kisara", "run", "-p", "8080:80", "x"]).is_err());
         assert!(Cli::try_parse_from(["kisara", "run", "-e", "NOEQ", "x"]).is_err());
         assert!(Cli::try_parse_from(["kisara", "stop"]).is_err());
+        let e = Cli::try_parse_from(["kisara", "run", "--expose", "tunnel", "x"]).unwrap_err();
+        assert!(e.to_string().contains("expected host or gateway"), "{e}");
+    }
+
+    #[test]
+    fn run_takes_the_exposure_mode_and_cap() {
+        let cli = parse(&[
+            "run",
+            "--expose",
+            "gateway",
+            "--bandwidth-kbps",
+            "800",
+            "busybox",
+        ]);
+        let ClientCommand::Run(a) = cli.cmd else {
+            panic!("{:?}", cli.cmd)
+        };
+        assert_eq!(a.exposure.expose, Some(kisara_api::ExposeMode::Gateway));
+        assert_eq!(a.exposure.bandwidth_kbps, Some(800));
     }
 
     #[test]
