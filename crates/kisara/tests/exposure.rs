@@ -354,6 +354,44 @@ async fn a_restarted_gateway_listens_on_the_same_ports() {
 }
 
 #[tokio::test]
+async fn an_interrupted_gateway_launch_is_adopted_with_its_gateway_ports() {
+    let cl = TestCluster::start_with(&config(port_block(26), port_block(27))).await;
+    let c = cl
+        .client
+        .launch(&echo_request(ExposeMode::Gateway))
+        .await
+        .expect("launch");
+    let tcp = port_of(&c, Protocol::Tcp);
+    // Stage a server killed after the node made the container, before its row was completed.
+    let cl = cl
+        .restart_editing(|store| {
+            let mut half = c.clone();
+            half.docker_id = String::new();
+            half.state = kisara_api::ContainerState::Launching;
+            half.ports.clear();
+            half.host_port.clear();
+            store.complete_container(&half).unwrap();
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let adopted = loop {
+        let x = cl.client.container(&c.id).await.unwrap();
+        if x.state == kisara_api::ContainerState::Running {
+            break x;
+        }
+        assert!(Instant::now() < deadline, "not adopted: {x:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The gateway's ports, not the (empty) set the engine published.
+    assert_eq!(adopted.ports, c.ports);
+    assert_eq!(adopted.host_port, c.host_port);
+    assert_eq!(tcp_echo(tcp, b"adopted\n").await, b"adopted\n");
+    cl.client.stop(&c.id).await.expect("stop");
+    cl.assert_clean().await;
+    cl.stop().await;
+}
+
+#[tokio::test]
 async fn bad_exposure_requests_are_refused_before_anything_is_made() {
     // A server without the gateway role refuses gateway mode with 400.
     let cl = TestCluster::start_with(&format!(

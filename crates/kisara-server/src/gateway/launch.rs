@@ -194,17 +194,7 @@ async fn launch_exposed(
                     return Err(e);
                 }
             };
-            let public = st.gateway.settings.public_address.clone();
-            let bindings = leases
-                .iter()
-                .map(|l| PortBinding {
-                    container_port: l.container_port,
-                    protocol: l.protocol,
-                    public_host: public.clone(),
-                    public_port: l.port,
-                })
-                .collect();
-            Ok((inv, bindings))
+            Ok((inv, gateway_bindings(st, &leases)))
         }
         ExposeMode::Host => {
             let (inv, leases) =
@@ -368,6 +358,42 @@ async fn call_launch(
             "unexpected reply to launch: {other:?}"
         ))),
     }
+}
+
+/// The public bindings of a container whose launch was interrupted and is adopted: its gateway
+/// leases where it has any (a gateway-mode container publishes nothing on its node), else what
+/// its engine published.
+pub fn adopted_bindings(
+    st: &AppState,
+    container_id: &str,
+    inv: &InventoryContainer,
+    public_address: &str,
+) -> Vec<PortBinding> {
+    let leases: Vec<Lease> = st
+        .store
+        .container_leases(container_id)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| l.scope == GATEWAY_SCOPE)
+        .collect();
+    if leases.is_empty() {
+        return crate::api::containers::bindings(inv, public_address);
+    }
+    gateway_bindings(st, &leases)
+}
+
+/// Gateway-mode bindings: the gateway's public address and the leased ports.
+fn gateway_bindings(st: &AppState, leases: &[Lease]) -> Vec<PortBinding> {
+    let public = &st.gateway.settings.public_address;
+    leases
+        .iter()
+        .map(|l| PortBinding {
+            container_port: l.container_port,
+            protocol: l.protocol,
+            public_host: public.clone(),
+            public_port: l.port,
+        })
+        .collect()
 }
 
 /// Host-mode bindings: the node's address and the port the engine published (the leased one).
