@@ -697,6 +697,8 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
     let req = kisara_api::ServiceRequest {
         compose: Some(compose),
         owner: Some("team1".into()),
+        // A cap far above what the test sends: carried on the leases, enforced by the gateway.
+        bandwidth_kbps: Some(800_000),
         ..Default::default()
     };
     let s = cl.client.launch_service(&req).await.expect("service up");
@@ -727,7 +729,8 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
     assert!(
         leases.iter().all(|l| l.scope == kisara_store::GATEWAY_SCOPE
             && l.service_id.as_deref() == Some(s.id.as_str())
-            && l.container_id.as_deref() == Some(s.containers[0].id.as_str())),
+            && l.container_id.as_deref() == Some(s.containers[0].id.as_str())
+            && l.rate_kbps == Some(800_000)),
         "{leases:?}"
     );
     // Visitor → gateway → agent tunnel → the service's container, TCP and UDP.
@@ -736,6 +739,15 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
         b"service via gateway\n"
     );
     assert_eq!(udp_echo(udp.public_port, b"svc dgram").await, b"svc dgram");
+    // The gateway counted the service container's traffic (its inspect shows it).
+    let t = cl
+        .client
+        .container(&s.containers[0].id)
+        .await
+        .expect("inspect the service's container")
+        .traffic
+        .expect("traffic counted in gateway mode");
+    assert!(t.bytes_in >= 20 + 9 && t.bytes_out >= 20 + 9, "{t:?}");
     // A reconnecting agent serves the service's port again; a restarted gateway reopens it.
     let mut cl = cl;
     cl.stop_agent().await;
