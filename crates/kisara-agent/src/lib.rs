@@ -235,7 +235,10 @@ impl Agent {
         let connect = tokio::select! {
             c = tokio_tungstenite::connect_async_tls_with_config(
                 url,
-                None,
+                Some(
+                    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                        .read_buffer_size(kisara_api::agent::CHANNEL_READ_BUFFER),
+                ),
                 // disable_nagle: replies are small frames that must not wait for an ACK.
                 true,
                 self.tls.clone().map(tokio_tungstenite::Connector::Rustls),
