@@ -234,7 +234,9 @@ impl TestCluster {
     }
 
     pub async fn stop(mut self) {
-        // Stop first, so the warm pool cannot refill behind the cleanup.
+        // Stop first, so the warm pool cannot refill behind the cleanup; the agent returns
+        // only once the engine operations it had under way finished (bounded), so the
+        // cleanup below sees everything made for this cluster.
         self.shutdown.cancel();
         let _ = (&mut self.server_task).await;
         let _ = (&mut self.agent_task).await;
