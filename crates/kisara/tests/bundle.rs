@@ -520,3 +520,99 @@ fn every_example_bundle_builds() {
         dir.display()
     );
 }
+
+/// `bundle up` on a cluster in the test process: the bundle's `ENV` are a compose app's
+/// `${VAR}` interpolation variables (as a compose `.env` file, not the containers' own
+/// environment), and go into each container's environment of a Kisara service spec, under the
+/// spec's own values. (A spec app used to be refused: the request carried compose-only `env`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_env_reaches_compose_and_spec_apps() {
+    let cl = TestCluster::start().await;
+    let run = run_id();
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Kisarafile"),
+        "FROM scratch\n\
+         ENV APP_MODE=bundle SITE=demo\n\
+         COPY compose.yaml apps/\n\
+         COPY spec.json apps/\n\
+         APP web apps/compose.yaml\n\
+         APP tools apps/spec.json\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ctx.join("compose.yaml"),
+        format!(
+            "services:\n  web:\n    image: {IMAGE}\n    command: sleep 600\n    environment:\n      MODE: ${{APP_MODE}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        ctx.join("spec.json"),
+        format!(
+            r#"{{"name": "tools", "containers": [{{"image": "{IMAGE}", "cmd": ["sleep", "600"], "env": {{"SITE": "own"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    let name = format!("env-{run}:1");
+    let data = tmp.path().join("d");
+    let (url, token) = (cl.url.clone(), cl.token.clone());
+    let cli = move |args: Vec<String>| {
+        let (url, token, data) = (url.clone(), token.clone(), data.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .arg("--data-dir")
+                .arg(&data)
+                .args(&args)
+                .env("KISARA_URL", &url)
+                .env("KISARA_TOKEN", &token)
+                .output()
+                .expect("run kisara")
+        })
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    ok(
+        cli(args(&["build", "-t", &name, ctx.to_str().unwrap()]))
+            .await
+            .unwrap(),
+        "build",
+    );
+    let up = ok(
+        cli(args(&["--json", "bundle", "up", &name, "--no-cmd"]))
+            .await
+            .unwrap(),
+        "bundle up",
+    );
+    let up: serde_json::Value = serde_json::from_str(&up).expect("bundle up --json");
+    let env_of = |app: &str| -> Vec<String> {
+        let entry = up
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["app"] == app)
+            .unwrap_or_else(|| panic!("app {app} not up: {up}"));
+        let docker_id = entry["service"]["containers"][0]["docker_id"]
+            .as_str()
+            .unwrap();
+        docker_inspect(docker_id)["Config"]["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let web = env_of("web");
+    assert!(web.contains(&"MODE=bundle".to_string()), "{web:?}");
+    assert!(!web.iter().any(|v| v.starts_with("APP_MODE=")), "{web:?}");
+    let tools = env_of("tools");
+    assert!(tools.contains(&"APP_MODE=bundle".to_string()), "{tools:?}");
+    assert!(tools.contains(&"SITE=own".to_string()), "{tools:?}");
+    ok(
+        cli(args(&["bundle", "down", &name])).await.unwrap(),
+        "bundle down",
+    );
+    cl.assert_clean().await;
+    cl.stop().await;
+}
