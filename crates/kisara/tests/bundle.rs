@@ -8,7 +8,7 @@ mod common;
 mod testbed;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -90,6 +90,26 @@ fn write_context(dir: &Path, image: &str) {
     .unwrap();
 }
 
+/// A build context with two apps, `web` (a compose file) and `tools` (a Kisara service spec),
+/// an `ENV` line, and `tail` (more Kisarafile lines) at the end.
+fn write_two_apps(ctx: &Path, env: &str, tail: &str, compose: &str, spec: &str) {
+    std::fs::create_dir_all(ctx).unwrap();
+    std::fs::write(
+        ctx.join("Kisarafile"),
+        format!(
+            "FROM scratch\n\
+             ENV {env}\n\
+             COPY compose.yaml apps/\n\
+             COPY spec.json apps/\n\
+             APP web apps/compose.yaml\n\
+             APP tools apps/spec.json\n{tail}"
+        ),
+    )
+    .unwrap();
+    std::fs::write(ctx.join("compose.yaml"), compose).unwrap();
+    std::fs::write(ctx.join("spec.json"), spec).unwrap();
+}
+
 /// An image of the test's own, made on the main engine: busybox plus a page naming the run, so
 /// what answers can only have come from the bundle.
 fn build_site_image(run: &str, dir: &Path) -> String {
@@ -118,32 +138,17 @@ fn build_save_load_images_up_down_on_a_second_engine() {
     let image = build_site_image(&run, &tmp.path().join("image"));
     let _cleanup = Images(vec![image.clone()]);
     let ctx = tmp.path().join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(
-        ctx.join("Kisarafile"),
-        "FROM scratch\n\
-         ENV HTTP_PORT=8081\n\
-         COPY compose.yaml apps/\n\
-         COPY spec.json apps/\n\
-         APP web apps/compose.yaml\n\
-         APP tools apps/spec.json\n\
-         LAUNCH web\n\
+    write_two_apps(
+        &ctx,
+        "HTTP_PORT=8081",
+        "LAUNCH web\n\
          CMD [\"sh\", \"-c\", \"echo CMD ran for $KISARA_BUNDLE as $KISARA_OWNER with port $HTTP_PORT in $(ls apps | tr '\\\\n' ' ')\"]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        ctx.join("compose.yaml"),
-        format!(
+        &format!(
             "services:\n  web:\n    image: {image}\n    command: httpd -f -p ${{HTTP_PORT}} -h /www\n    ports: [\"${{HTTP_PORT}}\"]\n    healthcheck:\n      test: [\"CMD\", \"wget\", \"-q\", \"-O\", \"/dev/null\", \"http://127.0.0.1:${{HTTP_PORT}}/\"]\n      interval: 1s\n      retries: 30\n"
         ),
-    )
-    .unwrap();
-    // An app LAUNCH leaves out: carried, never started.
-    std::fs::write(
-        ctx.join("spec.json"),
-        format!(r#"{{"name": "tools", "containers": [{{"image": "{image}", "cmd": ["sleep", "600"]}}]}}"#),
-    )
-    .unwrap();
+        // An app LAUNCH leaves out: carried, never started.
+        &format!(r#"{{"name": "tools", "containers": [{{"image": "{image}", "cmd": ["sleep", "600"]}}]}}"#),
+    );
     let name = format!("app-{run}:1.0");
     let builder = tmp.path().join("builder");
     ok(
@@ -386,56 +391,6 @@ fn truncated_and_tampered_bundles_are_refused() {
     );
 }
 
-struct Registry {
-    child: Child,
-    _dir: tempfile::TempDir,
-    addr: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Debian's docker-registry on a free loopback port (scripts/test.sh installs it).
-fn start_registry() -> Registry {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.path().join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry must be installed (scripts/test.sh installs it)");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "registry did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Registry {
-        child,
-        _dir: dir,
-        addr,
-    }
-}
-
 #[test]
 fn push_and_pull_through_a_loopback_registry() {
     let reg = start_registry();
@@ -531,58 +486,37 @@ async fn bundle_env_reaches_compose_and_spec_apps() {
     let run = run_id();
     let tmp = tempfile::tempdir().unwrap();
     let ctx = tmp.path().join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(
-        ctx.join("Kisarafile"),
-        "FROM scratch\n\
-         ENV APP_MODE=bundle SITE=demo\n\
-         COPY compose.yaml apps/\n\
-         COPY spec.json apps/\n\
-         APP web apps/compose.yaml\n\
-         APP tools apps/spec.json\n",
-    )
-    .unwrap();
-    std::fs::write(
-        ctx.join("compose.yaml"),
-        format!(
+    write_two_apps(
+        &ctx,
+        "APP_MODE=bundle SITE=demo",
+        "",
+        &format!(
             "services:\n  web:\n    image: {IMAGE}\n    command: sleep 600\n    environment:\n      MODE: ${{APP_MODE}}\n"
         ),
-    )
-    .unwrap();
-    std::fs::write(
-        ctx.join("spec.json"),
-        format!(
+        &format!(
             r#"{{"name": "tools", "containers": [{{"image": "{IMAGE}", "cmd": ["sleep", "600"], "env": {{"SITE": "own"}}}}]}}"#
         ),
-    )
-    .unwrap();
+    );
     let name = format!("env-{run}:1");
     let data = tmp.path().join("d");
-    let (url, token) = (cl.url.clone(), cl.token.clone());
-    let cli = move |args: Vec<String>| {
-        let (url, token, data) = (url.clone(), token.clone(), data.clone());
-        tokio::task::spawn_blocking(move || {
-            Command::new(BIN)
-                .arg("--data-dir")
-                .arg(&data)
-                .args(&args)
-                .env("KISARA_URL", &url)
-                .env("KISARA_TOKEN", &token)
-                .output()
-                .expect("run kisara")
-        })
+    let data = data.to_string_lossy();
+    let cl_ref = &cl;
+    let cli = |args: &[&str]| {
+        let mut a = vec!["--data-dir", &data];
+        a.extend_from_slice(args);
+        let a: Vec<String> = a.into_iter().map(String::from).collect();
+        async move {
+            cl_ref
+                .cli(&a.iter().map(String::as_str).collect::<Vec<_>>())
+                .await
+        }
     };
-    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     ok(
-        cli(args(&["build", "-t", &name, ctx.to_str().unwrap()]))
-            .await
-            .unwrap(),
+        cli(&["build", "-t", &name, ctx.to_str().unwrap()]).await,
         "build",
     );
     let up = ok(
-        cli(args(&["--json", "bundle", "up", &name, "--no-cmd"]))
-            .await
-            .unwrap(),
+        cli(&["--json", "bundle", "up", &name, "--no-cmd"]).await,
         "bundle up",
     );
     let up: serde_json::Value = serde_json::from_str(&up).expect("bundle up --json");
@@ -609,10 +543,7 @@ async fn bundle_env_reaches_compose_and_spec_apps() {
     let tools = env_of("tools");
     assert!(tools.contains(&"APP_MODE=bundle".to_string()), "{tools:?}");
     assert!(tools.contains(&"SITE=own".to_string()), "{tools:?}");
-    ok(
-        cli(args(&["bundle", "down", &name])).await.unwrap(),
-        "bundle down",
-    );
+    ok(cli(&["bundle", "down", &name]).await, "bundle down");
     cl.assert_clean().await;
     cl.stop().await;
 }

@@ -378,15 +378,7 @@ async fn interrupted_launches_are_settled_on_restart() {
         })
         .await;
     // The container the node has is adopted, with its ports, and still serves.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let adopted = loop {
-        let x = k.client.container(&c.id).await.unwrap();
-        if x.state == ContainerState::Running {
-            break x;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "not adopted: {x:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let adopted = k.wait_running(&c.id).await;
     assert_eq!(adopted.docker_id, c.docker_id);
     assert_eq!(adopted.ports, c.ports);
     assert_eq!(adopted.node_id, node_id);
