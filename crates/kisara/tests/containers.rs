@@ -271,6 +271,108 @@ async fn server_restart_keeps_containers_and_reconciles() {
     k.stop().await;
 }
 
+/// Polls (bounded) until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The orphans the issue counts after a crash: containers labelled for this cluster and node
+/// that the store does not know. Reconciliation removes them on the agent's next connect
+/// (`container.orphan_removed` once each), but never one a launch of this process is working
+/// on, nor one of another cluster sharing the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_removes_orphans_once_and_nothing_else() {
+    use kisara_api::labels::{CLUSTER, CONTAINER, NODE};
+    let mut k = TestCluster::start().await;
+    let node = k.client.list_nodes().await.unwrap().items[0].id.clone();
+    k.stop_agent().await;
+    let (orphan_id, busy_id) = (kisara_server::new_id(), kisara_server::new_id());
+    let ours =
+        |id: &str| docker_run_labelled(&[(CLUSTER, &k.cluster_id), (CONTAINER, id), (NODE, &node)]);
+    let orphan = ours(&orphan_id);
+    let busy = ours(&busy_id);
+    let other_cluster = format!("other-{}", kisara_server::new_id());
+    let foreign = docker_run_labelled(&[
+        (CLUSTER, &other_cluster),
+        (CONTAINER, &kisara_server::new_id()),
+        (NODE, &node),
+    ]);
+    // A launch under way in this process (its guard held): hands off.
+    let in_flight = k.server.state().begin_launch(&busy_id);
+
+    k.start_agent().await;
+    until("the orphan is removed", || !orphan.exists()).await;
+    // One reconciliation decided all three: the others are still there.
+    assert!(
+        busy.exists(),
+        "a container whose launch is in flight was removed"
+    );
+    assert!(foreign.exists(), "another cluster's container was removed");
+    let removed = stored_events(&k.client, "container.orphan_removed").await;
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(removed[0].container_id.as_deref(), Some(orphan_id.as_str()));
+    assert_eq!(removed[0].node_id.as_deref(), Some(node.as_str()));
+    assert_eq!(removed[0].data["docker_id"], orphan.0.as_str());
+
+    // Once the launch is over, the same container is an orphan like any other; the first
+    // one's event does not fire again.
+    drop(in_flight);
+    k.stop_agent().await;
+    k.start_agent().await;
+    until("the abandoned launch's container is removed", || {
+        !busy.exists()
+    })
+    .await;
+    let removed = stored_events(&k.client, "container.orphan_removed").await;
+    let ids: Vec<_> = removed
+        .iter()
+        .filter_map(|e| e.container_id.clone())
+        .collect();
+    assert_eq!(ids, vec![orphan_id, busy_id], "{removed:?}");
+    assert!(foreign.exists(), "another cluster's container was removed");
+    drop(foreign);
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+/// With `orphans = "report"` an orphan is left in place and listed on its node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_only_reported_when_configured_so() {
+    use kisara_api::labels::{CLUSTER, CONTAINER, NODE};
+    let mut k = TestCluster::start_with("[server]\norphans = \"report\"\n").await;
+    let node = k.client.list_nodes().await.unwrap().items[0].id.clone();
+    k.stop_agent().await;
+    let orphan = docker_run_labelled(&[
+        (CLUSTER, &k.cluster_id),
+        (CONTAINER, &kisara_server::new_id()),
+        (NODE, &node),
+    ]);
+    k.start_agent().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = k.client.node(&node).await.unwrap();
+        if n.unknown_containers.contains(&orphan.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reported: {n:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(orphan.exists(), "removed although orphans = \"report\"");
+    assert!(stored_events(&k.client, "container.orphan_removed")
+        .await
+        .is_empty());
+    drop(orphan);
+    k.assert_clean().await;
+    k.stop().await;
+}
+
 /// Polls (bounded) until the node has `want` unclaimed spare networks; returns them.
 async fn spares(k: &TestCluster, want: usize) -> Vec<kisara_api::Network> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -440,26 +542,6 @@ async fn a_node_down_past_its_grace_loses_its_containers_once_and_finds_them_aga
         TestCluster::start_with("[server]\nheartbeat_interval_secs = 1\nnode_grace_secs = 2\n")
             .await;
     let c = k.client.launch(&httpd_request()).await.expect("launch");
-    let client = k.client.clone();
-    let events = |kinds: &str| {
-        let q = kisara_api::events::EventQuery {
-            kinds: Some(kinds.into()),
-            since: Some(0),
-            ..Default::default()
-        };
-        let client = client.clone();
-        async move {
-            let mut s = client.events(&q).await.expect("events");
-            let mut seen = Vec::new();
-            // Everything stored so far replays at once; stop at the first quiet moment.
-            while let Ok(Some(Ok(e))) =
-                tokio::time::timeout(Duration::from_millis(500), s.next()).await
-            {
-                seen.push(e);
-            }
-            seen
-        }
-    };
     k.stop_agent().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -472,7 +554,7 @@ async fn a_node_down_past_its_grace_loses_its_containers_once_and_finds_them_aga
     }
     // Let the janitor run a few more rounds: the facts still fire once.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let lost = events("container.lost,node.down").await;
+    let lost = stored_events(&k.client, "container.lost,node.down").await;
     assert_eq!(
         lost.iter().filter(|e| e.kind == "container.lost").count(),
         1,
