@@ -110,18 +110,35 @@ pub async fn reconcile_node(
     }
     let candidates: Vec<&InventoryContainer> = containers
         .iter()
-        .filter(|c| c.labels.get(labels::CLUSTER) == Some(&st.cluster_id))
         .filter(|c| {
             c.labels
                 .get(labels::CONTAINER)
                 .is_none_or(|id| !known_ids.contains(id))
         })
         .collect();
+    sweep_orphans(st, node_id, &candidates).await;
+    // A launch the crash interrupted may still be finishing on the engine (the agent lets its
+    // operations finish for a bounded time only): its container would appear after this
+    // inventory, with its intent already dropped. Look once more, later.
+    if dropped > 0 {
+        recheck_later(st, node_id);
+    }
+    // Networks of interrupted launches go once the orphans that used them are gone.
+    remove_unknown_networks(st, node_id, networks).await;
+    crate::api::services::reconcile_node(st, node_id).await;
+}
+
+/// Removes (or, with `orphans = "report"`, lists) the orphans among `candidates` (containers
+/// on the node's engine); records what is left in place on the node.
+async fn sweep_orphans(st: &Arc<AppState>, node_id: &str, candidates: &[&InventoryContainer]) {
     let mut unknown = Vec::new();
     let mut removed = 0;
-    for c in candidates {
+    for &c in candidates {
+        if c.labels.get(labels::CLUSTER) != Some(&st.cluster_id) {
+            continue;
+        }
         match orphan_verdict(st, node_id, c) {
-            Verdict::Busy => {}
+            Verdict::Busy | Verdict::Known => {}
             Verdict::Report => unknown.push(c.docker_id.clone()),
             Verdict::Orphan if st.settings.orphans == OrphanPolicy::Report => {
                 unknown.push(c.docker_id.clone())
@@ -136,26 +153,57 @@ pub async fn reconcile_node(
         }
     }
     if removed > 0 {
-        tracing::warn!(node = %node_id, removed, "removed orphaned containers (labelled for this cluster, unknown to the store)");
+        tracing::warn!(node = %node_id, removed,
+            "removed orphaned containers (labelled for this cluster and node, unknown to the store)");
     }
     if !unknown.is_empty() {
         tracing::warn!(node = %node_id, count = unknown.len(), ids = ?unknown,
             "labelled containers the store does not know (left in place)");
     }
     st.set_unknown_containers(node_id, unknown);
-    // Networks of interrupted launches go once the orphans that used them are gone.
-    remove_unknown_networks(st, node_id, networks).await;
-    crate::api::services::reconcile_node(st, node_id).await;
+}
+
+/// How long after a reconciliation that dropped interrupted launches the node's containers are
+/// looked at once more: longer than an agent lets its operations finish after a drop.
+const ORPHAN_RECHECK: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// One more orphan sweep of the node after [`ORPHAN_RECHECK`], on a fresh list of its
+/// containers (skipped when the node is gone or the server stops first).
+fn recheck_later(st: &Arc<AppState>, node_id: &str) {
+    let st = st.clone();
+    let node_id = node_id.to_string();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(ORPHAN_RECHECK) => {}
+            _ = st.shutdown.cancelled() => return,
+        }
+        let listed = st
+            .hub
+            .call(&node_id, Operation::ListContainers, REMOVE_TIMEOUT)
+            .await;
+        match listed {
+            Ok(kisara_api::agent::Reply::Containers(cs)) => {
+                let all: Vec<&InventoryContainer> = cs.iter().collect();
+                sweep_orphans(&st, &node_id, &all).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(node = %node_id, error = %e, "orphan recheck skipped");
+            }
+        }
+    });
 }
 
 /// What to do with a labelled container of this cluster that the node's rows do not list.
 #[derive(Debug, PartialEq)]
 enum Verdict {
+    /// The store has a row for it (on some node, in some state).
+    Known,
     /// A launch of this process is working on it (a container, or a service's member): hands
     /// off.
     Busy,
     /// Not provably an orphan of this node (no Kisara id or node label, another node's label,
-    /// or the store could not be read, or knows it after all): left in place and listed.
+    /// or the store could not be read): left in place and listed.
     Report,
     /// Unknown to the whole store, labelled for this node, and no launch is working on it.
     Orphan,
@@ -179,7 +227,8 @@ fn orphan_verdict(st: &AppState, node_id: &str, c: &InventoryContainer) -> Verdi
     for key in [id.as_str(), c.docker_id.as_str()] {
         match st.store.get_container(key).optional() {
             Ok(None) => {}
-            Ok(Some(_)) | Err(_) => return Verdict::Report,
+            Ok(Some(_)) => return Verdict::Known,
+            Err(_) => return Verdict::Report,
         }
     }
     Verdict::Orphan
