@@ -271,6 +271,55 @@ async fn server_restart_keeps_containers_and_reconciles() {
     k.stop().await;
 }
 
+/// Test clusters share one engine and race for the same subnets: two clusters each creating
+/// many networks at once from one pool all succeed, each on a subnet of its own (an engine's
+/// overlap answer sends the next try to a random place in the pool, retries bounded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_on_one_engine_create_many_networks_at_once_from_one_pool() {
+    const CONFIG: &str = "[server]\nsubnet_pool = [\"10.196.[0-63].0/24\"]\nwarm_networks = 0\n";
+    const EACH: usize = 12;
+    let (a, b) = tokio::join!(
+        TestCluster::start_with(CONFIG),
+        TestCluster::start_with(CONFIG)
+    );
+    let make = |k: &TestCluster| {
+        let client = k.client.clone();
+        async move {
+            let tag = kisara_server::new_id();
+            futures::future::join_all((0..EACH).map(|i| {
+                let client = client.clone();
+                let name = format!("race-{tag}-{i}");
+                async move {
+                    client
+                        .create_network(&kisara_api::CreateNetworkRequest {
+                            name,
+                            ..Default::default()
+                        })
+                        .await
+                }
+            }))
+            .await
+        }
+    };
+    let (made_a, made_b) = tokio::join!(make(&a), make(&b));
+    let mut subnets = Vec::new();
+    for r in made_a.iter().chain(&made_b) {
+        let net = r.as_ref().expect("every network is made");
+        subnets.push(net.subnet.clone());
+    }
+    subnets.sort();
+    subnets.dedup();
+    assert_eq!(subnets.len(), 2 * EACH, "a subnet handed out twice");
+    for (k, made) in [(&a, &made_a), (&b, &made_b)] {
+        for net in made.iter().flatten() {
+            k.client.remove_network(&net.id).await.expect("remove");
+        }
+        k.assert_clean().await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
 /// Polls (bounded) until `done` holds.
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
