@@ -759,6 +759,16 @@ token = "testtest"
     }
 
     #[test]
+    fn orphans_are_removed_unless_configured_to_be_reported() {
+        let parse = |t: &str| Config::from_toml_str(t).and_then(|c| c.server_settings());
+        assert_eq!(parse("").unwrap().orphans, OrphanPolicy::Remove);
+        let report = parse("[server]\norphans = \"report\"\n").unwrap();
+        assert_eq!(report.orphans, OrphanPolicy::Report);
+        let bad = parse("[server]\norphans = \"delete\"\n").unwrap_err().to_string();
+        assert!(bad.contains("orphans") || bad.contains("delete"), "{bad}");
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         let c = Config::from_toml_str("").unwrap();
         let s = c.server_settings().unwrap();
