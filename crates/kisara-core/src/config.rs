@@ -764,7 +764,9 @@ token = "testtest"
         assert_eq!(parse("").unwrap().orphans, OrphanPolicy::Remove);
         let report = parse("[server]\norphans = \"report\"\n").unwrap();
         assert_eq!(report.orphans, OrphanPolicy::Report);
-        let bad = parse("[server]\norphans = \"delete\"\n").unwrap_err().to_string();
+        let bad = parse("[server]\norphans = \"delete\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(bad.contains("orphans") || bad.contains("delete"), "{bad}");
     }
 

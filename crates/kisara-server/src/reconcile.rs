@@ -92,14 +92,25 @@ pub async fn reconcile_node(
                     let _ = st.store.update_container_state(&c.id, state, &inv.status);
                 }
             }
-            None => {
-                gone += 1;
-                let _ = st.store.update_container_state(
-                    &c.id,
-                    ContainerState::Gone,
-                    "removed outside Kisara",
-                );
-            }
+            // The inventory was taken before the store was read: a launch that completed in
+            // between is not in it. Only the engine's own "no such container" makes it gone.
+            None => match still_there(st, node_id, &c.docker_id).await {
+                Some(Some(inv)) => {
+                    let state = ContainerState::from_docker(&inv.state);
+                    if state != c.state {
+                        let _ = st.store.update_container_state(&c.id, state, &inv.status);
+                    }
+                }
+                Some(None) => {
+                    gone += 1;
+                    let _ = st.store.update_container_state(
+                        &c.id,
+                        ContainerState::Gone,
+                        "removed outside Kisara",
+                    );
+                }
+                None => {}
+            },
         }
     }
     if gone > 0 {
@@ -126,6 +137,33 @@ pub async fn reconcile_node(
     // Networks of interrupted launches go once the orphans that used them are gone.
     remove_unknown_networks(st, node_id, networks).await;
     crate::api::services::reconcile_node(st, node_id).await;
+}
+
+/// Asks the node for a container the inventory did not list: `Some(Some(_))` it is there after
+/// all, `Some(None)` the engine has no such container, `None` no clear answer (left as is).
+async fn still_there(
+    st: &Arc<AppState>,
+    node_id: &str,
+    docker_id: &str,
+) -> Option<Option<InventoryContainer>> {
+    if docker_id.is_empty() {
+        return Some(None);
+    }
+    let r = st
+        .hub
+        .call(
+            node_id,
+            Operation::Inspect {
+                docker_id: docker_id.to_string(),
+            },
+            REMOVE_TIMEOUT,
+        )
+        .await;
+    match r {
+        Ok(kisara_api::agent::Reply::Container(inv)) => Some(Some(inv)),
+        Err(e) if e.code == kisara_api::codes::NOT_FOUND => Some(None),
+        _ => None,
+    }
 }
 
 /// Removes (or, with `orphans = "report"`, lists) the orphans among `candidates` (containers

@@ -320,6 +320,46 @@ async fn two_clusters_on_one_engine_create_many_networks_at_once_from_one_pool()
     b.stop().await;
 }
 
+/// An inventory is taken before reconciliation reads the store: a container launched in
+/// between is missing from it, and must not be marked gone for that; one the engine really
+/// lost is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_launched_after_the_inventory_is_not_marked_gone() {
+    let k = TestCluster::start().await;
+    let node = k.client.list_nodes().await.unwrap().items[0].id.clone();
+    let fresh = k.client.launch(&httpd_request()).await.expect("launch");
+    let removed = k.client.launch(&httpd_request()).await.expect("launch");
+    k.runtime.remove(&removed.docker_id, true).await.unwrap();
+    // An inventory from before both launches.
+    kisara_server::reconcile::reconcile_node(k.server.state(), &node, &[], &[]).await;
+    let all = k
+        .client
+        .list_containers(&ContainerFilter {
+            all: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    let state = |id: &str| all.iter().find(|c| c.id == id).map(|c| c.state);
+    assert_eq!(state(&fresh.id), Some(ContainerState::Running));
+    assert_eq!(state(&removed.id), Some(ContainerState::Gone));
+    assert_eq!(
+        k.server
+            .state()
+            .store
+            .get_container(&fresh.id)
+            .unwrap()
+            .state,
+        ContainerState::Running,
+        "the store took a fresh launch for gone"
+    );
+    k.client.stop(&fresh.id).await.unwrap();
+    k.client.remove(&removed.id, true).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}
+
 /// Polls (bounded) until `done` holds.
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
