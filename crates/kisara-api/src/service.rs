@@ -60,6 +60,14 @@ pub struct ServiceRequest {
     /// read-only file written before the start, or exec command once the service is up).
     #[serde(default)]
     pub flags: Vec<ServiceFlagSpec>,
+    /// How the service's published ports are exposed (`host` or `gateway`); the node's mode,
+    /// else the server's default, when absent (as for a container).
+    #[serde(default)]
+    pub expose: Option<crate::ExposeMode>,
+    /// Bandwidth cap of each of the service's containers' exposed traffic in kbit/s, each
+    /// direction (enforced in gateway mode).
+    #[serde(default)]
+    pub bandwidth_kbps: Option<u64>,
 }
 
 /// A flag of a service: a [`crate::FlagSpec`] and the container (its name in the file) that

@@ -60,6 +60,8 @@ pub struct AppState {
     pub data_dir: PathBuf,
     admin_token: Secret,
     join_token: Secret,
+    /// The standalone gateway's credential: its endpoints (`/v1/gateway/...`) and nothing else.
+    gateway_token: Secret,
     /// Cancelled when the server shuts down: closes agent channels and followed streams.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Per node: labelled containers found on the engine that the store does not know.
@@ -89,6 +91,9 @@ impl AppState {
     }
     pub fn join_token(&self) -> &Secret {
         &self.join_token
+    }
+    pub fn gateway_token(&self) -> &Secret {
+        &self.gateway_token
     }
     /// Marks a launch as under way in this process until the guard is dropped.
     pub fn begin_launch(self: &Arc<Self>, id: &str) -> InFlightGuard {
@@ -143,6 +148,7 @@ pub struct Server {
 /// File names inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const JOIN_TOKEN_FILE: &str = "join.token";
+pub const GATEWAY_TOKEN_FILE: &str = "gateway.token";
 pub const STORE_FILE: &str = "kisara.db";
 
 impl Server {
@@ -182,6 +188,7 @@ impl Server {
             None => tokens::load_or_create(&data_dir.join(ADMIN_TOKEN_FILE), "ksa_")?,
         };
         let join_token = tokens::load_or_create(&data_dir.join(JOIN_TOKEN_FILE), "ksj_")?;
+        let gateway_token = tokens::load_or_create(&data_dir.join(GATEWAY_TOKEN_FILE), "ksg_")?;
         let flag_secret = flags::load_secret(&settings, &data_dir)?;
         let ledger = placement::Ledger::load(&store, &settings)?;
         let events = events::EventBus::new(store.clone(), cluster_id.clone());
@@ -200,6 +207,7 @@ impl Server {
                 data_dir,
                 admin_token,
                 join_token,
+                gateway_token,
                 shutdown: tokio_util::sync::CancellationToken::new(),
                 unknown: Default::default(),
                 warm: Default::default(),

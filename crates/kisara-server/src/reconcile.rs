@@ -66,7 +66,8 @@ pub async fn reconcile_node(
                     done.network = inv.network.clone().or(done.network);
                     done.state = ContainerState::from_docker(&inv.state);
                     done.status = inv.status.clone();
-                    done.ports = crate::api::containers::bindings(inv, &public_address);
+                    done.ports =
+                        crate::gateway::launch::adopted_bindings(st, &c.id, inv, &public_address);
                     done.host_port = host_port_string(&done.ports);
                     if st.store.complete_container(&done).is_ok() {
                         adopted += 1;

@@ -93,8 +93,19 @@ where
 {
     let (vr, vw) = tokio::io::split(visitor);
     let (ur, uw) = tokio::io::split(upstream);
-    let inbound = pump(vr, uw, acct, Direction::In);
-    let outbound = pump(ur, vw, acct, Direction::Out);
+    both_ways(
+        pump(vr, uw, acct, Direction::In),
+        pump(ur, vw, acct, Direction::Out),
+    )
+    .await
+}
+
+/// Runs the two directions of a relay until both have ended, or either fails; returns what
+/// each carried.
+pub(crate) async fn both_ways(
+    inbound: impl std::future::Future<Output = io::Result<u64>>,
+    outbound: impl std::future::Future<Output = io::Result<u64>>,
+) -> io::Result<(u64, u64)> {
     tokio::pin!(inbound, outbound);
     let (mut done_in, mut done_out) = (None, None);
     while done_in.is_none() || done_out.is_none() {

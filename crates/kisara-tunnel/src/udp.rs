@@ -327,6 +327,43 @@ pub async fn stream_to_connected<S: Duplex>(
     }
 }
 
+/// Carries framed datagrams both ways between two streams (a standalone gateway's relayed
+/// visitor and a node's tunnel), frame by frame, counting payload bytes only (the 2-byte
+/// length of each frame is the tunnel's, not the visitor's traffic). Each end of stream is
+/// passed on as a half-close; ends when both directions have ended or either fails. Returns
+/// the payload bytes in and out.
+pub async fn relay_framed<V: Duplex, U: Duplex>(
+    visitor: V,
+    upstream: U,
+    acct: &Accounting,
+) -> io::Result<(u64, u64)> {
+    let (vr, vw) = tokio::io::split(visitor);
+    let (ur, uw) = tokio::io::split(upstream);
+    crate::relay::both_ways(
+        pump_framed(vr, uw, acct, Direction::In),
+        pump_framed(ur, vw, acct, Direction::Out),
+    )
+    .await
+}
+
+async fn pump_framed<R, W>(mut r: R, mut w: W, acct: &Accounting, dir: Direction) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut buf = Vec::new();
+    let mut total = 0u64;
+    while read_datagram(&mut r, &mut buf).await? {
+        acct.pass(dir, buf.len()).await;
+        write_datagram(&mut w, &buf).await?;
+        total += buf.len() as u64;
+    }
+    // The peer may already be gone; its half-close is best effort.
+    let _ = w.shutdown().await;
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,6 +438,45 @@ mod tests {
         assert_eq!(ask(&a, b"again").await, b"again");
         assert_eq!(opened.load(Ordering::Relaxed), 3);
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn framed_relay_counts_payload_bytes_only() {
+        use tokio::io::AsyncWriteExt;
+        let (mut visitor, near) = tokio::io::duplex(1 << 17);
+        let (far, mut container) = tokio::io::duplex(1 << 17);
+        let meter = Arc::new(Meter::default());
+        let acct = Accounting {
+            meters: vec![meter.clone()],
+            ..Default::default()
+        };
+        let task = tokio::spawn(async move { relay_framed(near, far, &acct).await });
+        let sizes = [0usize, 1, 100, 1200, 65535];
+        for n in sizes {
+            write_datagram(&mut visitor, &vec![7u8; n]).await.unwrap();
+        }
+        let mut buf = Vec::new();
+        for n in sizes {
+            assert!(read_datagram(&mut container, &mut buf).await.unwrap());
+            assert_eq!(buf.len(), n);
+            write_datagram(&mut container, &buf[..n / 2]).await.unwrap();
+        }
+        for n in sizes {
+            assert!(read_datagram(&mut visitor, &mut buf).await.unwrap());
+            assert_eq!(buf.len(), n / 2);
+        }
+        visitor.shutdown().await.unwrap();
+        container.shutdown().await.unwrap();
+        let carried = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the relay ends with both streams")
+            .unwrap()
+            .unwrap();
+        let sent: usize = sizes.iter().sum();
+        let back: usize = sizes.iter().map(|n| n / 2).sum();
+        assert_eq!(carried, (sent as u64, back as u64));
+        assert_eq!(meter.bytes_in.load(Ordering::Relaxed), sent as u64);
+        assert_eq!(meter.bytes_out.load(Ordering::Relaxed), back as u64);
     }
 
     #[tokio::test]

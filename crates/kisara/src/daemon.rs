@@ -198,6 +198,10 @@ fn print_banner(s: &Started) {
         "  join token:  {}",
         s.data_dir.join(kisara_server::JOIN_TOKEN_FILE).display()
     );
+    println!(
+        "  gateway token: {} (for a standalone `kisara gateway`)",
+        s.data_dir.join(kisara_server::GATEWAY_TOKEN_FILE).display()
+    );
     println!("  try: KISARA_URL={url} kisara ps");
 }
 

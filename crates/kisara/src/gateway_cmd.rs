@@ -1,13 +1,17 @@
 //! `kisara gateway`: a standalone gateway in front of a server.
 //!
 //! It keeps nothing of its own: every `--poll-ms` it asks the server which public ports the
-//! gateway role has (`GET /v1/gateway/ports`, admin token), listens on those it does not yet
+//! gateway role has (`GET /v1/gateway/ports`), listens on those it does not yet
 //! and stops those that went away. Each visitor gets a connection of its own to the server,
 //! `GET /v1/gateway/relay/{protocol}/{port}` upgraded to raw bytes (UDP: framed datagrams,
 //! one connection per visitor address, closed after `--udp-idle-secs` of silence), and the
 //! server carries it on to the container exactly as its own listeners would: caps, counters
 //! and node tunnels stay in the server. Run the server with `[gateway] listen = false` so it
 //! does not bind the same ports itself; several gateways may front one server.
+//!
+//! Its credential is the server's gateway token (`DIR/gateway.token`, written by the server
+//! next to `admin.token`): it lists the gateway's ports and relays visitors, and every other
+//! endpoint refuses it. The admin token is still accepted there, for older setups.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -49,8 +53,16 @@ impl Drop for Listener {
 
 pub async fn run(client: ClientArgs, args: GatewayArgs) -> Result<()> {
     crate::daemon::init_tracing();
-    let token = crate::cli::resolve_token(client.token.clone(), &client.data_dir())?
-        .context("kisara gateway needs the server's admin token (--token or KISARA_TOKEN)")?;
+    // Given, else the server's gateway.token (a gateway on the server's machine).
+    let token = crate::cli::resolve_token_file(
+        client.token.clone(),
+        &client.data_dir(),
+        kisara_server::GATEWAY_TOKEN_FILE,
+    )?
+    .context(
+        "kisara gateway needs the server's gateway token (--token or KISARA_TOKEN, \
+         or gateway.token in --data-dir)",
+    )?;
     let token = Secret(token);
     let tls = match &client.ca {
         Some(p) => Some(kisara_agent::tls_trusting(p)?),

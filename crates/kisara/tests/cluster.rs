@@ -12,12 +12,13 @@ mod testbed;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kisara_api::{Container, ContainerState, ListResponse};
-use testbed::{output_within, poll, Cluster, IMAGE};
+use testbed::{output_within, poll, Cluster, ClusterOptions, IMAGE};
 
 /// One HTTP request over TCP; the response text, or `None` when the port does not answer.
 fn http_get(host: &str, port: u16) -> Option<String> {
@@ -419,4 +420,127 @@ fn accounting(
         .map(|c| c.id.clone())
         .collect();
     (orphans, lost, dups, launching)
+}
+
+/// Tries a TCP connection to `addr` whose packets can only leave through `device` (the host's
+/// end of a test bed veth), so the attempt never reaches any network but the test's own.
+/// `Ok` when it connected; otherwise the error kind.
+fn connect_via(device: &str, addr: std::net::SocketAddr) -> Result<(), std::io::ErrorKind> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.kind())?;
+    s.bind_device(Some(device.as_bytes()))
+        .expect("SO_BINDTODEVICE (needs root)");
+    s.connect_timeout(&addr.into(), Duration::from_secs(2))
+        .map_err(|e| e.kind())
+}
+
+#[test]
+fn a_node_with_no_public_address_and_no_inbound_traffic_is_served_through_the_gateway() {
+    // The node's agent runs inside its engine's network namespace and only connects out, to
+    // the server on the host side of the veth; the gateway listens on the host's loopback.
+    // Gateway ports below the ephemeral range, apart from tests/exposure.rs's blocks.
+    let gw = 15000 + (std::process::id() % 200) as u16 * 4;
+    let opts = ClusterOptions {
+        server_toml: Some(format!(
+            "[gateway]\nenabled = true\nlisten_host = \"127.0.0.1\"\npublic_address = \"127.0.0.1\"\nport_range = \"{}-{}\"\n",
+            gw,
+            gw + 3
+        )),
+        // The node's own configuration names gateway mode (no request does).
+        node_toml: Some("[node]\nexposure = \"gateway\"\n".into()),
+        agents_in_netns: true,
+    };
+    let cluster = Cluster::start_with(1, opts);
+    let ns = cluster.engines.netns(0);
+    // Nothing may connect into the node: new inbound connections on its uplink are dropped
+    // (the namespace, and the rule with it, goes when the engine is torn down).
+    let fw = Command::new("nsenter")
+        .args([&format!("--net=/run/netns/{ns}"), "--"])
+        .args(["iptables", "-I", "INPUT", "-i", "uplink", "-m", "conntrack"])
+        .args(["--ctstate", "NEW", "-j", "DROP"])
+        .output()
+        .expect("iptables");
+    assert!(fw.status.success(), "iptables: {}", stderr(&fw));
+    // Control of the control: a closed port of the node's address now times out instead of
+    // being refused.
+    let node_addr: std::net::IpAddr = cluster.engines.address(0).parse().unwrap();
+    let probe = connect_via(
+        &cluster.engines.host_interface(0),
+        std::net::SocketAddr::new(node_addr, 9),
+    );
+    assert_eq!(
+        probe,
+        Err(std::io::ErrorKind::TimedOut),
+        "inbound is not dropped"
+    );
+
+    let c = cluster.run(&[
+        "-p", "80/tcp", "--owner", "outbound", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www",
+    ]);
+    assert_eq!(c.ports.len(), 1, "{c:?}");
+    let p = &c.ports[0];
+    assert_eq!(p.public_host, "127.0.0.1", "{c:?}");
+    assert!(
+        (gw..=gw + 3).contains(&p.public_port),
+        "not a gateway port: {c:?}"
+    );
+    let private: std::net::IpAddr = c
+        .ip_address
+        .as_deref()
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or_else(|| panic!("no private address: {c:?}"));
+    // Nothing is published on the engine.
+    let published = cluster.engines.docker(
+        0,
+        &[
+            "inspect",
+            "-f",
+            "{{json .HostConfig.PortBindings}}",
+            &c.docker_id,
+        ],
+    );
+    let published = String::from_utf8_lossy(&published.stdout)
+        .trim()
+        .to_string();
+    assert!(matches!(published.as_str(), "{}" | "null"), "{published}");
+
+    // Positive control: inside the node's namespace the container answers at its private
+    // address.
+    let inside = output_within(
+        Command::new("nsenter")
+            .args([&format!("--net=/run/netns/{ns}"), "--", "bash", "-c"])
+            .arg(format!(
+                "exec 3<>/dev/tcp/{private}/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+            )),
+        Duration::from_secs(20),
+    )
+    .expect("the request inside the namespace finished");
+    let inside = String::from_utf8_lossy(&inside.stdout).into_owned();
+    assert!(
+        inside.contains("kisara-test"),
+        "inside the namespace: {inside:?}"
+    );
+    // Negative control: from the host, over the only link it has to that namespace, the
+    // private address cannot be reached.
+    let direct = connect_via(
+        &cluster.engines.host_interface(0),
+        std::net::SocketAddr::new(private, 80),
+    );
+    assert!(direct.is_err(), "the host reached {private}:80 directly");
+
+    // The visitor on the host reaches it through the gateway: visitor → server's listener →
+    // tunnel the agent dialled out → container.
+    let answer = poll(
+        Duration::from_secs(20),
+        &format!("127.0.0.1:{} answers through the gateway", p.public_port),
+        || http_get("127.0.0.1", p.public_port).filter(|b| b.contains("kisara-test")),
+    );
+    assert!(answer.contains("200 OK"), "{answer}");
+
+    // Removed: the port closes.
+    let out = cluster.kisara(&["stop", &c.id]);
+    assert!(out.status.success(), "stop: {}", stderr(&out));
+    poll(Duration::from_secs(20), "the gateway port closes", || {
+        http_get("127.0.0.1", p.public_port).is_none().then_some(())
+    });
 }

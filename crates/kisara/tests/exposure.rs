@@ -113,6 +113,23 @@ async fn udp_echo(port: u16, msg: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Sends `n` datagrams of `size` bytes from one socket, each only once the previous one came
+/// back (the echo is known to be up: no datagram is lost or sent twice).
+async fn udp_lockstep(port: u16, n: u64, size: usize) {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    for i in 0..n {
+        let msg = vec![i as u8; size];
+        s.send(&msg).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), s.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("datagram {i} on {port} never came back"))
+            .unwrap();
+        assert_eq!(&buf[..got], &msg[..]);
+    }
+}
+
 /// Whether anything accepts TCP on the port now.
 async fn tcp_open(port: u16) -> bool {
     matches!(
@@ -337,6 +354,44 @@ async fn a_restarted_gateway_listens_on_the_same_ports() {
 }
 
 #[tokio::test]
+async fn an_interrupted_gateway_launch_is_adopted_with_its_gateway_ports() {
+    let cl = TestCluster::start_with(&config(port_block(26), port_block(27))).await;
+    let c = cl
+        .client
+        .launch(&echo_request(ExposeMode::Gateway))
+        .await
+        .expect("launch");
+    let tcp = port_of(&c, Protocol::Tcp);
+    // Stage a server killed after the node made the container, before its row was completed.
+    let cl = cl
+        .restart_editing(|store| {
+            let mut half = c.clone();
+            half.docker_id = String::new();
+            half.state = kisara_api::ContainerState::Launching;
+            half.ports.clear();
+            half.host_port.clear();
+            store.complete_container(&half).unwrap();
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let adopted = loop {
+        let x = cl.client.container(&c.id).await.unwrap();
+        if x.state == kisara_api::ContainerState::Running {
+            break x;
+        }
+        assert!(Instant::now() < deadline, "not adopted: {x:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The gateway's ports, not the (empty) set the engine published.
+    assert_eq!(adopted.ports, c.ports);
+    assert_eq!(adopted.host_port, c.host_port);
+    assert_eq!(tcp_echo(tcp, b"adopted\n").await, b"adopted\n");
+    cl.client.stop(&c.id).await.expect("stop");
+    cl.assert_clean().await;
+    cl.stop().await;
+}
+
+#[tokio::test]
 async fn bad_exposure_requests_are_refused_before_anything_is_made() {
     // A server without the gateway role refuses gateway mode with 400.
     let cl = TestCluster::start_with(&format!(
@@ -355,6 +410,23 @@ async fn bad_exposure_requests_are_refused_before_anything_is_made() {
     req.bandwidth_kbps = Some(0);
     let err = cl.client.launch(&req).await.expect_err("zero cap");
     assert_eq!(err.status(), Some(400), "{err}");
+    // So is a service asking for gateway mode.
+    let svc = kisara_api::ServiceRequest {
+        compose: Some(format!(
+            "services:\n  echo:\n    image: {FIXTURE}\n    command: [\"kfix\", \"tcp-echo\", \"80\"]\n    ports: [\"80\"]\n"
+        )),
+        expose: Some(ExposeMode::Gateway),
+        ..Default::default()
+    };
+    let err = cl
+        .client
+        .launch_service(&svc)
+        .await
+        .expect_err("no gateway");
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("gateway"), "{err}");
+    let services = cl.client.list_services(&Default::default()).await.unwrap();
+    assert!(services.items.is_empty(), "{:?}", services.items);
     cl.assert_clean().await;
     cl.stop().await;
 }
@@ -386,8 +458,11 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
                 "127.0.0.1",
                 "--poll-ms",
                 "200",
+                // Its credential is the server's gateway.token, read from the data dir.
+                "--data-dir",
+                &cl.data_dir.to_string_lossy(),
             ])
-            .env("KISARA_TOKEN", &cl.token)
+            .env_remove("KISARA_TOKEN")
             .env("KISARA_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -420,6 +495,29 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
         .traffic
         .expect("traffic counted");
     assert!(t.bytes_in >= 31 + 1200 && t.bytes_out >= 31 + 1200, "{t:?}");
+    // Exactly the datagrams' payload is counted, each way (not the relay's frame headers).
+    let (n, size) = (10u64, 1000usize);
+    udp_lockstep(udp, n, size).await;
+    let want = (t.bytes_in + n * size as u64, t.bytes_out + n * size as u64);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let now = cl
+            .client
+            .container(&c.id)
+            .await
+            .expect("inspect")
+            .traffic
+            .expect("traffic counted");
+        if (now.bytes_in, now.bytes_out) >= want || Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (seen.bytes_in, seen.bytes_out),
+        want,
+        "{n} datagrams of {size} bytes each way, counted from {t:?}"
+    );
 
     // Stopped: the gateway closes the port within a few polls.
     cl.client.stop(&c.id).await.expect("stop");
@@ -583,6 +681,242 @@ async fn a_services_ports_are_leased_from_the_range_and_released_with_it() {
         .remove_service(&again.id)
         .await
         .expect("service down");
+    cl.assert_clean().await;
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn a_services_ports_go_through_the_gateway_in_its_mode() {
+    let (gw, host) = (port_block(21), port_block(22));
+    // Nodes that name no mode expose through the gateway: a service's default.
+    let toml = config(gw, host).replace("[server]\n", "[server]\nexposure = \"gateway\"\n");
+    let cl = TestCluster::start_with(&toml).await;
+    let compose = format!(
+        "name: viagw\nservices:\n  echo:\n    image: {FIXTURE}\n    command: [\"sh\", \"-c\", \"kfix tcp-echo 80 & exec kfix udp-echo 53\"]\n    ports: [\"80\", \"53/udp\"]\n"
+    );
+    let req = kisara_api::ServiceRequest {
+        compose: Some(compose),
+        owner: Some("team1".into()),
+        // A cap far above what the test sends: carried on the leases, enforced by the gateway.
+        bandwidth_kbps: Some(800_000),
+        ..Default::default()
+    };
+    let s = cl.client.launch_service(&req).await.expect("service up");
+    let ports = &s.containers[0].ports;
+    let tcp = ports.iter().find(|p| p.protocol == Protocol::Tcp).unwrap();
+    let udp = ports.iter().find(|p| p.protocol == Protocol::Udp).unwrap();
+    assert!(
+        (gw.0..=gw.1).contains(&tcp.public_port) && (gw.0..=gw.1).contains(&udp.public_port),
+        "not gateway ports: {ports:?}"
+    );
+    assert_eq!(tcp.public_host, "127.0.0.1");
+    assert_eq!(
+        s.host_port,
+        format!(
+            "127.0.0.1:{},127.0.0.1:{}",
+            tcp.public_port, udp.public_port
+        )
+    );
+    // Nothing is published on the node; the leases carry the service and its container.
+    let inspect = common::docker_inspect(&s.containers[0].docker_id);
+    let bindings = &inspect["HostConfig"]["PortBindings"];
+    assert!(
+        bindings.is_null() || bindings.as_object().is_some_and(|m| m.is_empty()),
+        "{bindings}"
+    );
+    let leases = cl.server.state().store.list_leases().unwrap();
+    assert_eq!(leases.len(), 2, "{leases:?}");
+    assert!(
+        leases.iter().all(|l| l.scope == kisara_store::GATEWAY_SCOPE
+            && l.service_id.as_deref() == Some(s.id.as_str())
+            && l.container_id.as_deref() == Some(s.containers[0].id.as_str())
+            && l.rate_kbps == Some(800_000)),
+        "{leases:?}"
+    );
+    // Visitor → gateway → agent tunnel → the service's container, TCP and UDP.
+    assert_eq!(
+        tcp_echo(tcp.public_port, b"service via gateway\n").await,
+        b"service via gateway\n"
+    );
+    assert_eq!(udp_echo(udp.public_port, b"svc dgram").await, b"svc dgram");
+    // The gateway counted the service container's traffic (its inspect shows it).
+    let t = cl
+        .client
+        .container(&s.containers[0].id)
+        .await
+        .expect("inspect the service's container")
+        .traffic
+        .expect("traffic counted in gateway mode");
+    assert!(t.bytes_in >= 20 + 9 && t.bytes_out >= 20 + 9, "{t:?}");
+    // A reconnecting agent serves the service's port again; a restarted gateway reopens it.
+    let mut cl = cl;
+    cl.stop_agent().await;
+    cl.start_agent().await;
+    cl.wait_ready().await;
+    assert_eq!(
+        tcp_echo(tcp.public_port, b"agent back\n").await,
+        b"agent back\n"
+    );
+    let cl = cl.restart().await;
+    poll_until("the gateway reopened the service's port", || {
+        tcp_open(tcp.public_port)
+    })
+    .await;
+    assert_eq!(
+        tcp_echo(tcp.public_port, b"server back\n").await,
+        b"server back\n"
+    );
+    assert_eq!(udp_echo(udp.public_port, b"udp back").await, b"udp back");
+    let seen = cl.client.service(&s.id).await.expect("service inspect");
+    assert_eq!(
+        seen.containers[0].ports, *ports,
+        "same ports after the restart"
+    );
+    assert_eq!(seen.host_port, s.host_port);
+    // `kisara ps` (the container list) shows the same addresses.
+    let list = cl
+        .client
+        .list_containers(&Default::default())
+        .await
+        .unwrap();
+    let row = list
+        .items
+        .iter()
+        .find(|c| c.id == s.containers[0].id)
+        .expect("the service's container is listed");
+    assert_eq!(row.ports, *ports);
+    assert_eq!(row.host_port, s.host_port);
+
+    // Removed: the listeners close, the leases go back, and the next service gets the ports.
+    let (tcp_port, udp_port) = (tcp.public_port, udp.public_port);
+    cl.client.remove_service(&s.id).await.expect("service down");
+    assert!(
+        cl.server.state().store.list_leases().unwrap().is_empty(),
+        "leases left after the service went"
+    );
+    assert!(
+        !tcp_open(tcp_port).await,
+        "the gateway still listens on {tcp_port}"
+    );
+    let again = cl
+        .client
+        .launch_service(&req)
+        .await
+        .expect("service up again");
+    let p2 = &again.containers[0].ports;
+    assert!(
+        p2.iter()
+            .any(|p| p.protocol == Protocol::Tcp && p.public_port == tcp_port)
+            && p2
+                .iter()
+                .any(|p| p.protocol == Protocol::Udp && p.public_port == udp_port),
+        "released ports not reused: {p2:?}"
+    );
+    assert_eq!(tcp_echo(tcp_port, b"again\n").await, b"again\n");
+    cl.client
+        .remove_service(&again.id)
+        .await
+        .expect("service down");
+
+    // The request overrides the default (here from the CLI, `kisara service up --expose
+    // host`): a host port of the node's range.
+    let file = cl.data_dir.join("viagw.yaml");
+    std::fs::write(&file, req.compose.as_deref().unwrap()).unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (url, token, file) = (cl.url.clone(), cl.token.clone(), file.clone());
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
+                .args(["--url", &url, "--json", "service", "up", "-f"])
+                .arg(&file)
+                .args(["--expose", "host", "--owner", "team1"])
+                .env("KISARA_TOKEN", &token)
+                .env("KISARA_LOG", "warn")
+                .output()
+                .expect("kisara service up runs")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "kisara service up --expose host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h: kisara_api::Service = serde_json::from_slice(&out.stdout).expect("service JSON");
+    let hp = h.containers[0]
+        .ports
+        .iter()
+        .find(|p| p.protocol == Protocol::Tcp)
+        .unwrap()
+        .public_port;
+    assert!(
+        (host.0..=host.1).contains(&hp),
+        "{:?}",
+        h.containers[0].ports
+    );
+    assert_eq!(tcp_echo(hp, b"host\n").await, b"host\n");
+    cl.client.remove_service(&h.id).await.expect("service down");
+    cl.assert_clean().await;
+    cl.stop().await;
+}
+
+#[tokio::test]
+async fn the_gateway_token_opens_the_gateways_endpoints_and_nothing_else() {
+    let cl = TestCluster::start_with(&config(port_block(24), port_block(25))).await;
+    let path = cl.data_dir.join("gateway.token");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "gateway.token is readable by others");
+    let gw_token = std::fs::read_to_string(&path).unwrap().trim().to_string();
+    assert_eq!(gw_token, cl.server.state().gateway_token().expose());
+    assert_ne!(gw_token, cl.token);
+    let http = reqwest::Client::new();
+    let status = |method: reqwest::Method, path: &str, token: &str| {
+        let req = http
+            .request(method, format!("{}{path}", cl.url))
+            .bearer_auth(token);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // Accepted where the gateway role needs it (and the admin token still is, too).
+    assert_eq!(
+        status(reqwest::Method::GET, "/v1/gateway/ports", &gw_token).await,
+        200
+    );
+    assert_eq!(
+        status(reqwest::Method::GET, "/v1/gateway/ports", &cl.token).await,
+        200
+    );
+    assert_eq!(
+        status(reqwest::Method::GET, "/v1/gateway/ports", "ksg_wrong").await,
+        401
+    );
+    // Refused everywhere else: listing, metrics, nodes.
+    for path in ["/v1/containers", "/metrics", "/v1/nodes", "/v1/services"] {
+        assert_eq!(
+            status(reqwest::Method::GET, path, &gw_token).await,
+            403,
+            "GET {path} with the gateway token"
+        );
+    }
+    // And a launch: refused, nothing made.
+    let r = http
+        .post(format!("{}/v1/containers", cl.url))
+        .bearer_auth(&gw_token)
+        .json(&echo_request(ExposeMode::Gateway))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("gateway token"), "{body}");
+    assert!(!body.contains(&gw_token), "the token was echoed: {body}");
+    assert!(cl
+        .client
+        .list_containers(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
     cl.assert_clean().await;
     cl.stop().await;
 }

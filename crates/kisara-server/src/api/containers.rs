@@ -129,7 +129,7 @@ pub async fn launch_container(
         network: None,
     };
     policy::container_config(&req, &st.settings, &ctx)?;
-    crate::gateway::launch::validate(&st, &req)?;
+    crate::gateway::launch::validate(&st, (&req).into())?;
 
     // Intent first: the row exists before any engine object does, so a crash at any later
     // point is settled by reconciliation instead of leaving an orphan.

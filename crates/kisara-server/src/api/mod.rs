@@ -70,22 +70,48 @@ where
     }
 }
 
+/// The request's bearer token, if it presents one.
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 async fn require_token(
     State(state): State<Arc<AppState>>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let presented = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
+    match bearer(&req) {
         None => ApiError::unauthorized("missing bearer token").into_response(),
         Some(t) if tokens::matches(state.admin_token(), t) => {
             // Handlers that answer secrets (flags) ask who is calling.
             req.extensions_mut().insert(crate::instances::Caller::Admin);
+            next.run(req).await
+        }
+        Some(t) if tokens::matches(state.gateway_token(), t) => ApiError::forbidden(
+            "the gateway token may only list the gateway's ports and relay its visitors \
+             (/v1/gateway/...)",
+        )
+        .into_response(),
+        Some(_) => ApiError::unauthorized("invalid token").into_response(),
+    }
+}
+
+/// The standalone gateway's endpoints: its own token (`DIR/gateway.token`), or the admin's.
+async fn require_gateway_token(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match bearer(&req) {
+        None => ApiError::unauthorized("missing bearer token").into_response(),
+        Some(t)
+            if tokens::matches(state.gateway_token(), t)
+                || tokens::matches(state.admin_token(), t) =>
+        {
             next.run(req).await
         }
         Some(_) => ApiError::unauthorized("invalid token").into_response(),
@@ -161,12 +187,6 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
     let protected = protected
         .route("/v1/openapi.json", get(crate::openapi::serve))
         .route("/metrics", get(crate::metrics::serve))
-        // Standalone gateways (`kisara gateway`, admin token): their ports and visitors.
-        .route("/v1/gateway/ports", get(crate::gateway::relay::ports))
-        .route(
-            "/v1/gateway/relay/{protocol}/{port}",
-            get(crate::gateway::relay::relay),
-        )
         // Timed per route template, inside the token check.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -174,12 +194,29 @@ pub fn api_router(state: Arc<AppState>) -> (axum::Router, utoipa::openapi::OpenA
         ))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state.clone());
+    // Standalone gateways (`kisara gateway`, gateway token): their ports and visitors.
+    let gateway = axum::Router::new()
+        .route("/v1/gateway/ports", get(crate::gateway::relay::ports))
+        .route(
+            "/v1/gateway/relay/{protocol}/{port}",
+            get(crate::gateway::relay::relay),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_gateway_token,
+        ))
+        .with_state(state.clone());
     let app = axum::Router::new()
         .merge(public.with_state(state.clone()))
         .route("/v1/agent/connect", get(crate::ws::connect))
         // Agents' data connections for gateway tunnels (node credential, upgraded to bytes).
         .route("/v1/agent/tunnel/{id}", get(crate::gateway::tunnel::accept))
         .with_state(state)
+        .merge(gateway)
         .merge(protected);
     (app, spec)
 }

@@ -38,6 +38,7 @@ use kisara_store::{
 use super::{ApiJson, ApiQuery};
 use crate::error::{status_for_code, ApiError, ApiResult};
 use crate::flags::Rendered;
+use crate::gateway::launch::Exposure;
 use crate::instances::{self, Caller};
 use crate::{new_id, now, placement, AppState};
 
@@ -129,6 +130,7 @@ pub async fn launch(
 ) -> ApiResult<(StatusCode, Json<Service>)> {
     let plan = plan_of(&req)?;
     service_plan::validate(&plan, &st.settings)?;
+    crate::gateway::launch::validate(&st, (&req).into())?;
     let service_id = new_id();
     // Lifetime and flags are settled (and refused when bad) before anything is made.
     let flags = render_flags(&st, &req, &plan)?;
@@ -361,10 +363,11 @@ async fn launch_service(st: &Arc<AppState>, launch: Launch) -> ApiResult<Service
         Some(r) => r.node_id().to_string(),
         None => return Err(ApiError::bad_request("the service has no containers")),
     };
-    let session = st
-        .hub
-        .get(&node_id)
-        .ok_or_else(|| ApiError::node_unavailable(format!("node {node_id} is not connected")))?;
+    if st.hub.get(&node_id).is_none() {
+        return Err(ApiError::node_unavailable(format!(
+            "node {node_id} is not connected"
+        )));
+    }
 
     // Intent: the service's row and its containers' rows exist before anything on the node.
     let mut rec = ServiceRecord {
@@ -404,7 +407,6 @@ async fn launch_service(st: &Arc<AppState>, launch: Launch) -> ApiResult<Service
         &plan,
         &mut rec,
         &ids,
-        &session.hello.public_address,
         health_timeout,
         &existing,
         &flags,
@@ -481,7 +483,6 @@ async fn build(
     plan: &ServicePlan,
     rec: &mut ServiceRecord,
     ids: &[String],
-    public_address: &str,
     health_timeout: Duration,
     existing: &BTreeMap<String, Network>,
     flags: &ServiceFlags,
@@ -593,7 +594,7 @@ async fn build(
         let launches = wave.iter().map(|&i| {
             let c = &plan.containers[i];
             let rendered = flags.per_container.get(&c.service);
-            launch_one(st, c, &ids[i], &ctx, public_address, rendered)
+            launch_one(st, c, &ids[i], &ctx, req.into(), rendered)
         });
         let results = futures::future::join_all(launches).await;
         let mut first_error = None;
@@ -708,7 +709,7 @@ async fn launch_one(
     c: &PlannedContainer,
     id: &str,
     ctx: &ServiceContext,
-    public_address: &str,
+    exposure: Exposure,
     flags: Option<&Rendered>,
 ) -> ApiResult<String> {
     let mut config = service_plan::container_config(c, &st.settings, ctx, id)?;
@@ -717,9 +718,11 @@ async fn launch_one(
     if let Some(rendered) = flags {
         crate::flags::apply(&mut config, rendered);
     }
-    // Published ports are leased host ports (released with the container or the service).
-    let inv = crate::gateway::launch::launch_service_container(
+    // Published ports are leased (host ports of the node, or gateway ports) and released with
+    // the container or the service.
+    let (inv, ports) = crate::gateway::launch::launch_service_container(
         st,
+        exposure,
         &ctx.node_id,
         &ctx.service_id,
         id,
@@ -738,7 +741,7 @@ async fn launch_one(
     row.ip_address = inv.ip_address.clone();
     row.state = ContainerState::from_docker(&inv.state);
     row.status = inv.status.clone();
-    row.ports = super::containers::bindings(&inv, public_address);
+    row.ports = ports;
     row.host_port = host_port_string(&row.ports);
     if let Err(e) = st.store.complete_container(&row) {
         // Returned with its Docker id so the cleanup removes it.

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kisara_api::agent::{ContainerConfig, InventoryContainer, Operation, Reply};
-use kisara_api::{ExposeMode, LaunchRequest, PortBinding, PortRange, PortSpec, Protocol};
+use kisara_api::{
+    ExposeMode, LaunchRequest, PortBinding, PortRange, PortSpec, Protocol, ServiceRequest,
+};
 use kisara_store::{Lease, LeaseRequest, GATEWAY_SCOPE};
 
 use crate::error::{ApiError, ApiResult};
@@ -21,22 +23,49 @@ use crate::{now, AppState};
 /// Ports skipped because another program holds them, before giving up on a launch.
 const MAX_PORT_RETRIES: usize = 16;
 
+/// How a launch (a container's, or each of a service's containers') asked for its ports to
+/// be exposed: the mode, if it named one, and the bandwidth cap.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Exposure {
+    pub mode: Option<ExposeMode>,
+    pub bandwidth_kbps: Option<u64>,
+}
+
+impl From<&LaunchRequest> for Exposure {
+    fn from(req: &LaunchRequest) -> Exposure {
+        Exposure {
+            mode: req.expose,
+            bandwidth_kbps: req.bandwidth_kbps,
+        }
+    }
+}
+
+impl From<&ServiceRequest> for Exposure {
+    fn from(req: &ServiceRequest) -> Exposure {
+        Exposure {
+            mode: req.expose,
+            bandwidth_kbps: req.bandwidth_kbps,
+        }
+    }
+}
+
 /// The mode a launch gets: the request's, else its node's, else the server's default.
-pub fn mode_for(st: &AppState, req: &LaunchRequest, session: &NodeSession) -> ExposeMode {
-    req.expose
+pub fn mode_for(st: &AppState, exposure: Exposure, session: &NodeSession) -> ExposeMode {
+    exposure
+        .mode
         .or(session.hello.exposure.mode)
         .unwrap_or(st.settings.exposure.default_mode)
 }
 
 /// Checks a request's exposure before anything is made (400 for what can never work).
-pub fn validate(st: &AppState, req: &LaunchRequest) -> ApiResult<()> {
-    if req.expose == Some(ExposeMode::Gateway) && !st.gateway.enabled() {
+pub fn validate(st: &AppState, exposure: Exposure) -> ApiResult<()> {
+    if exposure.mode == Some(ExposeMode::Gateway) && !st.gateway.enabled() {
         return Err(ApiError::bad_request(
             "expose \"gateway\" needs the gateway role, which this server does not run \
              (set [gateway] enabled = true)",
         ));
     }
-    if req.bandwidth_kbps == Some(0) {
+    if exposure.bandwidth_kbps == Some(0) {
         return Err(ApiError::bad_request(
             "bandwidth_kbps must be above 0 (leave it out for no cap)",
         ));
@@ -44,11 +73,18 @@ pub fn validate(st: &AppState, req: &LaunchRequest) -> ApiResult<()> {
     Ok(())
 }
 
+/// Whose ports are leased: a container, and the service it belongs to if any.
+#[derive(Clone, Copy)]
+struct Owner<'a> {
+    container_id: &'a str,
+    service_id: Option<&'a str>,
+}
+
 fn lease_requests(
     scope: &str,
     mode: ExposeMode,
     node_id: &str,
-    container_id: &str,
+    owner: Owner<'_>,
     ports: &[PortSpec],
     rate_kbps: Option<u64>,
     avoid: &BTreeMap<Protocol, Vec<u16>>,
@@ -60,8 +96,8 @@ fn lease_requests(
             protocol: p.protocol,
             mode,
             node_id: node_id.to_string(),
-            container_id: Some(container_id.to_string()),
-            service_id: None,
+            container_id: Some(owner.container_id.to_string()),
+            service_id: owner.service_id.map(str::to_string),
             container_port: p.port,
             rate_kbps,
             avoid: avoid.get(&p.protocol).cloned().unwrap_or_default(),
@@ -88,9 +124,51 @@ pub async fn launch(
     config: &mut ContainerConfig,
     timeout: Duration,
 ) -> ApiResult<(InventoryContainer, Vec<PortBinding>)> {
+    let owner = Owner {
+        container_id,
+        service_id: None,
+    };
+    launch_exposed(st, req.into(), owner, session, config, timeout).await
+}
+
+/// A service's container: its ports exposed in the service's mode (the request's, else its
+/// node's, else the server's default), the leases carrying the service's id, so no port is
+/// handed out twice and they go back when the service goes.
+pub async fn launch_service_container(
+    st: &std::sync::Arc<AppState>,
+    exposure: Exposure,
+    node_id: &str,
+    service_id: &str,
+    container_id: &str,
+    config: &mut ContainerConfig,
+    timeout: Duration,
+) -> ApiResult<(InventoryContainer, Vec<PortBinding>)> {
+    if config.ports.is_empty() {
+        let inv = call_launch(st, node_id, config, timeout).await?;
+        return Ok((inv, Vec::new()));
+    }
+    let session = st
+        .hub
+        .get(node_id)
+        .ok_or_else(|| ApiError::node_unavailable(format!("node {node_id} is not connected")))?;
+    let owner = Owner {
+        container_id,
+        service_id: Some(service_id),
+    };
+    launch_exposed(st, exposure, owner, &session, config, timeout).await
+}
+
+async fn launch_exposed(
+    st: &std::sync::Arc<AppState>,
+    exposure: Exposure,
+    owner: Owner<'_>,
+    session: &NodeSession,
+    config: &mut ContainerConfig,
+    timeout: Duration,
+) -> ApiResult<(InventoryContainer, Vec<PortBinding>)> {
     let node_id = session.node_id.clone();
     let ports = config.ports.clone();
-    let mode = mode_for(st, req, session);
+    let mode = mode_for(st, exposure, session);
     if ports.is_empty() {
         let inv = call_launch(st, &node_id, config, timeout).await?;
         return Ok((inv, Vec::new()));
@@ -105,7 +183,7 @@ pub async fn launch(
                 )));
             }
             let leases =
-                lease_gateway(st, &node_id, container_id, &ports, req.bandwidth_kbps).await?;
+                lease_gateway(st, &node_id, owner, &ports, exposure.bandwidth_kbps).await?;
             // Nothing is published on the node: the gateway reaches the container itself.
             config.ports.clear();
             config.host_ports.clear();
@@ -116,63 +194,15 @@ pub async fn launch(
                     return Err(e);
                 }
             };
-            let public = st.gateway.settings.public_address.clone();
-            let bindings = leases
-                .iter()
-                .map(|l| PortBinding {
-                    container_port: l.container_port,
-                    protocol: l.protocol,
-                    public_host: public.clone(),
-                    public_port: l.port,
-                })
-                .collect();
-            Ok((inv, bindings))
+            Ok((inv, gateway_bindings(st, &leases)))
         }
         ExposeMode::Host => {
-            let (inv, leases) = launch_host(
-                st,
-                session,
-                container_id,
-                None,
-                req.bandwidth_kbps,
-                config,
-                timeout,
-            )
-            .await?;
+            let (inv, leases) =
+                launch_host(st, session, owner, exposure.bandwidth_kbps, config, timeout).await?;
             let bindings = host_bindings(&inv, &leases, &session.hello.public_address);
             Ok((inv, bindings))
         }
     }
-}
-
-/// A service's container: its ports on host ports leased from its node's range (carrying the
-/// service's id), so no port is handed out twice and they go back when the service goes.
-pub async fn launch_service_container(
-    st: &std::sync::Arc<AppState>,
-    node_id: &str,
-    service_id: &str,
-    container_id: &str,
-    config: &mut ContainerConfig,
-    timeout: Duration,
-) -> ApiResult<InventoryContainer> {
-    if config.ports.is_empty() {
-        return call_launch(st, node_id, config, timeout).await;
-    }
-    let session = st
-        .hub
-        .get(node_id)
-        .ok_or_else(|| ApiError::node_unavailable(format!("node {node_id} is not connected")))?;
-    let (inv, _) = launch_host(
-        st,
-        &session,
-        container_id,
-        Some(service_id),
-        None,
-        config,
-        timeout,
-    )
-    .await?;
-    Ok(inv)
 }
 
 /// Host mode: leases host ports of the node and has its engine publish exactly those; a port
@@ -180,8 +210,7 @@ pub async fn launch_service_container(
 async fn launch_host(
     st: &std::sync::Arc<AppState>,
     session: &NodeSession,
-    container_id: &str,
-    service_id: Option<&str>,
+    owner: Owner<'_>,
     rate_kbps: Option<u64>,
     config: &mut ContainerConfig,
     timeout: Duration,
@@ -196,18 +225,15 @@ async fn launch_host(
     let scope = kisara_store::node_scope(&node_id);
     let mut avoid: BTreeMap<Protocol, Vec<u16>> = BTreeMap::new();
     for _ in 0..MAX_PORT_RETRIES {
-        let mut reqs = lease_requests(
+        let reqs = lease_requests(
             &scope,
             ExposeMode::Host,
             &node_id,
-            container_id,
+            owner,
             &ports,
             rate_kbps,
             &avoid,
         );
-        for r in &mut reqs {
-            r.service_id = service_id.map(str::to_string);
-        }
         let leases = st.store.lease_ports(range, &reqs, now())?;
         config.host_ports = leases
             .iter()
@@ -258,7 +284,7 @@ async fn launch_host(
 async fn lease_gateway(
     st: &std::sync::Arc<AppState>,
     node_id: &str,
-    container_id: &str,
+    owner: Owner<'_>,
     ports: &[PortSpec],
     rate_kbps: Option<u64>,
 ) -> ApiResult<Vec<Lease>> {
@@ -269,13 +295,13 @@ async fn lease_gateway(
             GATEWAY_SCOPE,
             ExposeMode::Gateway,
             node_id,
-            container_id,
+            owner,
             ports,
             rate_kbps,
             &avoid,
         );
         let leases = st.store.lease_ports(range, &reqs, now())?;
-        st.gateway.set_instance_cap(container_id, rate_kbps);
+        st.gateway.set_instance_cap(owner.container_id, rate_kbps);
         if !st.gateway.settings.listen {
             // Standalone gateways listen (they poll the leases); nothing to bind here.
             return Ok(leases);
@@ -332,6 +358,42 @@ async fn call_launch(
             "unexpected reply to launch: {other:?}"
         ))),
     }
+}
+
+/// The public bindings of a container whose launch was interrupted and is adopted: its gateway
+/// leases where it has any (a gateway-mode container publishes nothing on its node), else what
+/// its engine published.
+pub fn adopted_bindings(
+    st: &AppState,
+    container_id: &str,
+    inv: &InventoryContainer,
+    public_address: &str,
+) -> Vec<PortBinding> {
+    let leases: Vec<Lease> = st
+        .store
+        .container_leases(container_id)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| l.scope == GATEWAY_SCOPE)
+        .collect();
+    if leases.is_empty() {
+        return crate::api::containers::bindings(inv, public_address);
+    }
+    gateway_bindings(st, &leases)
+}
+
+/// Gateway-mode bindings: the gateway's public address and the leased ports.
+fn gateway_bindings(st: &AppState, leases: &[Lease]) -> Vec<PortBinding> {
+    let public = &st.gateway.settings.public_address;
+    leases
+        .iter()
+        .map(|l| PortBinding {
+            container_port: l.container_port,
+            protocol: l.protocol,
+            public_host: public.clone(),
+            public_port: l.port,
+        })
+        .collect()
 }
 
 /// Host-mode bindings: the node's address and the port the engine published (the leased one).

@@ -202,7 +202,8 @@ pub(super) async fn serve_udp_stream<V: Duplex + 'static>(
             .await
     } else {
         let tunnel = super::tunnel::open(st, &node_id, &target.to_string(), Protocol::Udp).await?;
-        kisara_tunnel::relay(stream, tunnel, &acct).await?;
+        // Frame by frame: the count is the datagrams' payload, not the frames' headers.
+        kisara_tunnel::udp::relay_framed(stream, tunnel, &acct).await?;
         Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //! relayed through the server.
 //!
 //! A standalone gateway holds no state and reaches no node: it asks `GET /v1/gateway/ports`
-//! (admin token) which public ports exist, listens on them, and hands every visitor to the
+//! (gateway token, `DIR/gateway.token`; the admin token is accepted too) which public ports exist, listens on them, and hands every visitor to the
 //! server over a connection of its own, `GET /v1/gateway/relay/{protocol}/{port}` upgraded
 //! to raw bytes (framed datagrams for UDP, one connection per visitor address). The server
 //! serves that visitor exactly as one of its own listeners would: counted and paced per

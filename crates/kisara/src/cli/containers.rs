@@ -86,6 +86,20 @@ pub struct RunArgs {
     /// A flag spec as JSON, e.g. `{"template":"flag{[uuid]}","inject":{"file":{"path":"/flag"}}}`.
     #[arg(long = "flag-spec", value_name = "JSON", value_parser = parse_flag_spec)]
     pub flag_specs: Vec<kisara_api::FlagSpec>,
+    #[command(flatten)]
+    pub exposure: ExposeArgs,
+}
+
+/// How published ports are exposed (`kisara run`, `kisara service up`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ExposeArgs {
+    /// `host` (a host port of the node) or `gateway` (a port of the gateway, tunnelled to the
+    /// node); the node's mode, else the server's default, otherwise.
+    #[arg(long, value_name = "MODE")]
+    pub expose: Option<kisara_api::ExposeMode>,
+    /// Bandwidth cap of each container's exposed traffic, kbit/s each way (gateway mode).
+    #[arg(long, value_name = "KBPS")]
+    pub bandwidth_kbps: Option<u64>,
 }
 
 /// A `--flag-spec` argument.
@@ -189,6 +203,8 @@ pub async fn run(client: &Client, out: &Output, a: RunArgs) -> anyhow::Result<i3
         ttl_secs: a.ttl,
         flag: a.flag.map(kisara_api::agent::Secret),
         flags: a.flag_specs,
+        expose: a.exposure.expose,
+        bandwidth_kbps: a.exposure.bandwidth_kbps,
         ..Default::default()
     };
     let c = client.launch(&req).await?;

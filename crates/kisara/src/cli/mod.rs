@@ -221,10 +221,19 @@ fn data_dir_from(var: impl Fn(&str) -> Option<OsString>) -> PathBuf {
 /// The token to send: `explicit` (from `--token` / `KISARA_TOKEN`) if non-empty, else the
 /// content of `<data_dir>/admin.token`, else none. Surrounding whitespace is dropped.
 pub fn resolve_token(explicit: Option<String>, data_dir: &Path) -> anyhow::Result<Option<String>> {
+    resolve_token_file(explicit, data_dir, TOKEN_FILE)
+}
+
+/// [`resolve_token`] with another token file of the data directory (e.g. `gateway.token`).
+pub fn resolve_token_file(
+    explicit: Option<String>,
+    data_dir: &Path,
+    file: &str,
+) -> anyhow::Result<Option<String>> {
     if let Some(t) = explicit.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
         return Ok(Some(t.to_string()));
     }
-    let path = data_dir.join(TOKEN_FILE);
+    let path = data_dir.join(file);
     match std::fs::read_to_string(&path) {
         Ok(s) => Ok(Some(s.trim().to_string()).filter(|t| !t.is_empty())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -379,6 +388,25 @@ mod tests {
         assert!(Cli::try_parse_from(["kisara", "run", "-p", "8080:80", "x"]).is_err());
         assert!(Cli::try_parse_from(["kisara", "run", "-e", "NOEQ", "x"]).is_err());
         assert!(Cli::try_parse_from(["kisara", "stop"]).is_err());
+        let e = Cli::try_parse_from(["kisara", "run", "--expose", "tunnel", "x"]).unwrap_err();
+        assert!(e.to_string().contains("expected host or gateway"), "{e}");
+    }
+
+    #[test]
+    fn run_takes_the_exposure_mode_and_cap() {
+        let cli = parse(&[
+            "run",
+            "--expose",
+            "gateway",
+            "--bandwidth-kbps",
+            "800",
+            "busybox",
+        ]);
+        let ClientCommand::Run(a) = cli.cmd else {
+            panic!("{:?}", cli.cmd)
+        };
+        assert_eq!(a.exposure.expose, Some(kisara_api::ExposeMode::Gateway));
+        assert_eq!(a.exposure.bandwidth_kbps, Some(800));
     }
 
     #[test]

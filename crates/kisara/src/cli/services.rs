@@ -54,6 +54,8 @@ pub enum ServiceCommand {
         /// (repeatable).
         #[arg(long = "flag-spec", value_name = "JSON", value_parser = parse_flag_spec)]
         flag_specs: Vec<ServiceFlagSpec>,
+        #[command(flatten)]
+        exposure: super::containers::ExposeArgs,
     },
     /// Extend services' lifetimes.
     Renew {
@@ -97,6 +99,7 @@ pub async fn run(client: &Client, out: &Output, cmd: ServiceCommand) -> anyhow::
             ttl,
             flag,
             flag_specs,
+            exposure,
         } => {
             let mut flags = flag_specs;
             if let Some(template) = flag {
@@ -118,6 +121,8 @@ pub async fn run(client: &Client, out: &Output, cmd: ServiceCommand) -> anyhow::
                 ttl_secs: ttl,
                 flags,
                 env: env.into_iter().collect(),
+                expose: exposure.expose,
+                bandwidth_kbps: exposure.bandwidth_kbps,
                 ..Default::default()
             };
             // A JSON object with `containers` is Kisara's ServiceConfig; anything else is compose.

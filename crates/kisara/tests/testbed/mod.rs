@@ -100,6 +100,16 @@ impl Engines {
         format!("10.198.{}.2", self.index(k))
     }
 
+    /// The network namespace engine `k` runs in.
+    pub fn netns(&self, k: usize) -> String {
+        format!("kisara-tb{}", self.index(k))
+    }
+
+    /// The host's end of engine `k`'s veth (the only link between the host and its namespace).
+    pub fn host_interface(&self, k: usize) -> String {
+        format!("kisara-tb{}h", self.index(k))
+    }
+
     /// `docker -H <engine k> ARGS`.
     pub fn docker(&self, k: usize, args: &[&str]) -> Output {
         Command::new("docker")
@@ -233,13 +243,22 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(args: &[String], envs: &[(&str, String)], log: &Path) -> Proc {
+/// Starts `kisara ARGS`, in the network namespace `netns` when given (through `nsenter`, which
+/// execs it: the child is kisara itself).
+fn spawn(netns: Option<&str>, args: &[String], envs: &[(&str, String)], log: &Path) -> Proc {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("open log");
-    let mut cmd = Command::new(BIN);
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
     cmd.args(args)
         .env("KISARA_LOG", "info")
         .env_remove("KISARA_URL")
@@ -281,6 +300,19 @@ pub fn output_within(cmd: &mut Command, within: Duration) -> Option<Output> {
     }
 }
 
+/// How a test bed cluster is set up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// The server's configuration file (TOML), if any.
+    pub server_toml: Option<String>,
+    /// The nodes' configuration file (TOML), if any.
+    pub node_toml: Option<String>,
+    /// Each agent runs inside its engine's network namespace and reaches the server over the
+    /// veth only (the server then listens on engine 0's host-side address, 10.198.I.1, and
+    /// nowhere else). Nodes get no `--public-address`.
+    pub agents_in_netns: bool,
+}
+
 /// A Kisara cluster of a server and one node per test bed engine, all as processes.
 pub struct Cluster {
     // Field order is drop order: processes die before their engines are torn down.
@@ -291,6 +323,7 @@ pub struct Cluster {
     listen: String,
     pub data_dir: PathBuf,
     token: String,
+    opts: ClusterOptions,
     tmp: tempfile::TempDir,
 }
 
@@ -298,13 +331,32 @@ impl Cluster {
     /// Starts `n` engines, a server, and nodes `n1..nN` (node `k` on engine `k`),
     /// and waits until every node is ready.
     pub fn start(n: u32) -> Cluster {
+        Self::start_with(n, ClusterOptions::default())
+    }
+
+    /// [`Cluster::start`] with options.
+    pub fn start_with(n: u32, opts: ClusterOptions) -> Cluster {
         let engines = Engines::up(n);
         let tmp = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+        // Agents inside a namespace reach the host over their veth; the server listens on
+        // engine 0's host-side end of it (a link only this host and that namespace share).
+        // With several engines only engine 0's namespace could reach it: one engine then.
+        let host = if opts.agents_in_netns {
+            assert_eq!(n, 1, "agents_in_netns: one engine");
+            format!("10.198.{}.1", engines.index(0))
+        } else {
+            "127.0.0.1".to_string()
+        };
+        let port = std::net::TcpListener::bind((host.as_str(), 0))
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let listen = format!("127.0.0.1:{port}");
+        let listen = format!("{host}:{port}");
+        for (name, text) in [("server", &opts.server_toml), ("node", &opts.node_toml)] {
+            if let Some(t) = text {
+                std::fs::write(tmp.path().join(format!("{name}.toml")), t).expect("config");
+            }
+        }
         let mut cluster = Cluster {
             agents: (0..n).map(|_| None).collect(),
             server: None,
@@ -313,6 +365,7 @@ impl Cluster {
             listen,
             data_dir: tmp.path().join("server"),
             token: String::new(),
+            opts,
             tmp,
         };
         cluster.start_server();
@@ -333,6 +386,21 @@ impl Cluster {
         cluster
     }
 
+    /// The configuration file of `name` (`server` or `node`), when the options give one.
+    fn config_args(&self, name: &str, text: &Option<String>) -> Vec<String> {
+        match text {
+            Some(_) => vec![
+                "--config".into(),
+                self.tmp
+                    .path()
+                    .join(format!("{name}.toml"))
+                    .to_string_lossy()
+                    .into_owned(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
     pub fn node_name(k: usize) -> String {
         format!("n{}", k + 1)
     }
@@ -344,14 +412,15 @@ impl Cluster {
     /// Starts `kisara server` on the cluster's data dir and address; waits for /healthz.
     pub fn start_server(&mut self) {
         assert!(self.server.is_none(), "the server is already running");
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "server".into(),
             "--data-dir".into(),
             self.data_dir.to_string_lossy().into_owned(),
             "--listen".into(),
             self.listen.clone(),
         ];
-        self.server = Some(spawn(&args, &[], &self.log("server")));
+        args.extend(self.config_args("server", &self.opts.server_toml));
+        self.server = Some(spawn(None, &args, &[], &self.log("server")));
         let addr = self.listen.clone();
         poll(
             Duration::from_secs(30),
@@ -394,15 +463,24 @@ impl Cluster {
                 .join(format!("node-{name}"))
                 .to_string_lossy()
                 .into_owned(),
-            "--public-address".into(),
-            self.engines.address(k),
         ];
+        if !self.opts.agents_in_netns {
+            args.push("--public-address".into());
+            args.push(self.engines.address(k));
+        }
+        args.extend(self.config_args("node", &self.opts.node_toml));
         if let Some(j) = join {
             args.push("--join-token".into());
             args.push(j.into());
         }
         let envs = [("DOCKER_HOST", self.engines.docker_host(k))];
-        self.agents[k] = Some(spawn(&args, &envs, &self.log(&format!("agent-{name}"))));
+        let netns = self.opts.agents_in_netns.then(|| self.engines.netns(k));
+        self.agents[k] = Some(spawn(
+            netns.as_deref(),
+            &args,
+            &envs,
+            &self.log(&format!("agent-{name}")),
+        ));
     }
 
     /// `kill -9` of node `k`'s agent.
