@@ -57,6 +57,12 @@ pub async fn reconcile_node(
     for c in &known {
         known_ids.insert(c.id.clone());
         if c.state == ContainerState::Launching {
+            // `known` was read a while ago and this loop waits on the node: a launch of this
+            // process settles its own row, and one that finished since is settled already.
+            // In flight first, then a fresh read (a launch completes its row before it ends).
+            if st.is_in_flight(&c.id) || !still_launching(st, &c.id) {
+                continue;
+            }
             match by_kisara_id.get(c.id.as_str()) {
                 Some(inv) => {
                     let mut done = c.clone();
@@ -75,14 +81,13 @@ pub async fn reconcile_node(
                 }
                 // Intent that no launch of this process is working on was interrupted (by a
                 // crash or restart) and is abandoned; a launch still under way is left alone.
-                None if !st.is_in_flight(&c.id) => {
+                None => {
                     for net in st.store.networks_owned_by(&c.id).unwrap_or_default() {
                         crate::api::networks::destroy(st, &net).await;
                     }
                     let _ = st.store.delete_container(&c.id);
                     dropped += 1;
                 }
-                None => {}
             }
             continue;
         }
@@ -138,6 +143,12 @@ pub async fn reconcile_node(
     // Networks of interrupted launches go once the orphans that used them are gone.
     remove_unknown_networks(st, node_id, networks).await;
     crate::api::services::reconcile_node(st, node_id).await;
+}
+
+/// Whether the store holds `id` in state `launching` right now.
+fn still_launching(st: &AppState, id: &str) -> bool {
+    matches!(st.store.get_container(id).optional(),
+        Ok(Some(c)) if c.id == id && c.state == ContainerState::Launching)
 }
 
 /// Asks the node for a container the inventory did not list: `Some(Some(_))` it is there after
