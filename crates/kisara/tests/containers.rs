@@ -360,6 +360,48 @@ async fn a_container_launched_after_the_inventory_is_not_marked_gone() {
     k.stop().await;
 }
 
+/// Reconciliation reads the node's rows once, then waits on the node row by row: a launch
+/// that completes meanwhile must keep its row and its container (it was acknowledged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launches_completing_during_reconciliation_keep_their_rows() {
+    let k = TestCluster::start().await;
+    let node = k.client.list_nodes().await.unwrap().items[0].id.clone();
+    let client = k.client.clone();
+    let launches = tokio::spawn(async move {
+        futures::future::join_all((0..6).map(|_| {
+            let client = client.clone();
+            async move { client.launch(&httpd_request()).await }
+        }))
+        .await
+    });
+    // Inventories taken before any of them: every completed row is asked about on the node.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !launches.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "launches never finished"
+        );
+        kisara_server::reconcile::reconcile_node(k.server.state(), &node, &[], &[]).await;
+    }
+    let launched: Vec<_> = launches.await.unwrap().into_iter().flatten().collect();
+    assert!(!launched.is_empty(), "no launch succeeded");
+    for c in &launched {
+        let row = k.server.state().store.get_container(&c.id);
+        assert!(
+            row.as_ref()
+                .is_ok_and(|r| r.state == ContainerState::Running),
+            "an acknowledged launch lost its row: {row:?}"
+        );
+        assert!(
+            k.runtime.inspect(&c.docker_id).await.is_ok(),
+            "an acknowledged launch lost its container"
+        );
+        k.client.stop(&c.id).await.unwrap();
+    }
+    k.assert_clean().await;
+    k.stop().await;
+}
+
 /// Polls (bounded) until `done` holds.
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
