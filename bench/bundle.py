@@ -17,11 +17,11 @@ Measured in one run, RUNS interleaved rounds, medians:
 
 Usage: bench/bundle.py [RUNS]     (default 5; root, Docker, debootstrap; target/release/kisara or $KISARA_BIN)
 """
-import os, shutil, socket, statistics, subprocess, sys, tempfile, time, json, urllib.request
+import os, shutil, statistics, subprocess, sys, tempfile, time
 
-RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KISARA = os.environ.get("KISARA_BIN") or os.path.join(ROOT, "target", "release", "kisara")
+from common import KISARA, free_port, kisara_up, positional, stop_kisara, wait_ready
+
+RUNS = positional(__doc__, ("RUNS", 5, "interleaved rounds")).runs
 BASE = "kisara-bench/debian:bookworm"
 APPS = [f"kisara-bench/app{i}:v1" for i in (1, 2, 3)]
 
@@ -57,14 +57,6 @@ def make_images(work):
         sh("docker", "build", "-q", "-t", ref, ctx, stdout=subprocess.DEVNULL)
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def timed(fn):
     t = time.monotonic()
     fn()
@@ -79,7 +71,7 @@ def main():
     if not os.path.exists(KISARA):
         sys.exit("build first: cargo build --release -p kisara")
     work = tempfile.mkdtemp(prefix="kisara-bench-")
-    proc = None
+    proc = url = token = None
     try:
         make_images(work)
         data = os.path.join(work, "data")
@@ -106,21 +98,8 @@ def main():
         site = os.path.join(work, "site")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([KISARA, "up", "--data-dir", site, "--listen", f"127.0.0.1:{port}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                token = open(os.path.join(site, "admin.token")).read().strip()
-                req = urllib.request.Request(url + "/v1/nodes", headers={"Authorization": "Bearer " + token})
-                nodes = json.loads(urllib.request.urlopen(req, timeout=5).read())["items"]
-                if any(n.get("state") == "ready" for n in nodes):
-                    break
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                sys.exit("kisara up did not become ready")
-            time.sleep(0.2)
+        proc = kisara_up(site, port, stderr=subprocess.DEVNULL)
+        token = wait_ready(url, site, proc, "kisara up", deadline=30)
 
         docker_tar = os.path.join(work, "all.tar")
         t = {"kisara-save": [], "docker-save": [], "kisara-load": [], "docker-load": [],
@@ -154,11 +133,7 @@ def main():
         print(f"load average {os.getloadavg()[0]:.2f}")
     finally:
         if proc:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_kisara(proc, url, token, timeout=15)
         rmi_apps()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -23,22 +23,15 @@ Needs: iperf3, rathole (`cargo install rathole`), scripts/test-images.sh and
 scripts/iperf3-image.sh (run here when the image is missing).
 """
 import argparse, json, os, random, resource, shutil, socket, statistics, subprocess, sys
-import tempfile, time, urllib.request
+import tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KISARA = os.environ.get("KISARA_BIN", os.path.join(ROOT, "target", "release", "kisara"))
+from common import KISARA, ROOT, api, build_if_missing, free_port, kisara_up, rss_kb, stop
+from common import stop_kisara, wait_ready
+
 RATHOLE = shutil.which("rathole") or os.path.expanduser("~/.cargo/bin/rathole")
 IMAGE = "kisara-test/iperf3:latest"
 CMD = ["sh", "-c", "kfix tcp-echo 7 & kfix udp-echo 7 & exec iperf3 -s -p 5201"]
 PORTS = ["5201/tcp", "5201/udp", "7/tcp", "7/udp"]
-
-
-def free_port(kind=socket.SOCK_STREAM):
-    s = socket.socket(socket.AF_INET, kind)
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def free_block(n):
@@ -58,41 +51,6 @@ def free_block(n):
         if ok:
             return base
     raise RuntimeError("no free port block")
-
-
-def api(url, token, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method=method)
-    req.add_header("Authorization", "Bearer " + token)
-    if data:
-        req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=60) as r:
-        raw = r.read()
-        return json.loads(raw) if raw else None
-
-
-def rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def wait_ready(url, data_dir, proc, what):
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            token = open(os.path.join(data_dir, "admin.token")).read().strip()
-            nodes = api(url, token, "GET", "/v1/nodes")
-            if any(n["state"] == "ready" for n in nodes["items"]):
-                return token
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} never had a ready node")
 
 
 def wait_tcp(host, port, deadline=20.0):
@@ -230,9 +188,7 @@ port_range = "{gw_base}-{gw_base + 9}"
                  "--state-dir", os.path.join(self.data, "node")], env=env,
                 stdout=subprocess.DEVNULL))
         else:
-            self.procs.append(subprocess.Popen(
-                [KISARA, "up", "--data-dir", self.data, "--listen", f"127.0.0.1:{self.port}",
-                 "--config", cfg], env=env, stdout=subprocess.DEVNULL))
+            self.procs.append(kisara_up(self.data, self.port, cfg))
         self.token = wait_ready(self.url, self.data, self.procs[0], "kisara")
         self.container = api(self.url, self.token, "POST", "/v1/containers", {
             "image": IMAGE, "cmd": CMD, "ports": PORTS, "expose": "gateway",
@@ -251,12 +207,10 @@ port_range = "{gw_base}-{gw_base + 9}"
             api(self.url, self.token, "DELETE", f"/v1/containers/{self.container['id']}?force=true")
         except Exception as e:
             print(f"cleanup: {e}", file=sys.stderr)
-        for p in reversed(self.procs):
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        # The agent first (its node is what leaves spares), then the server with the cleanup.
+        for p in reversed(self.procs[1:]):
+            stop(p)
+        stop_kisara(self.procs[0], self.url, self.token)
         shutil.rmtree(self.data, ignore_errors=True)
 
 
@@ -265,61 +219,38 @@ class Rathole:
         self.dir = tempfile.mkdtemp(prefix="kisara-bench-rathole-")
         ctrl = free_port()
         self.iperf_port, self.echo_port = base, base + 1
-        with open(os.path.join(self.dir, "server.toml"), "w") as f:
-            f.write(f"""
-[server]
-bind_addr = "127.0.0.1:{ctrl}"
-default_token = "bench"
-[server.services.iperf_tcp]
-type = "tcp"
-bind_addr = "127.0.0.1:{self.iperf_port}"
-[server.services.iperf_udp]
-type = "udp"
-bind_addr = "127.0.0.1:{self.iperf_port}"
-[server.services.echo_tcp]
-type = "tcp"
-bind_addr = "127.0.0.1:{self.echo_port}"
-[server.services.echo_udp]
-type = "udp"
-bind_addr = "127.0.0.1:{self.echo_port}"
-""")
-        with open(os.path.join(self.dir, "client.toml"), "w") as f:
-            f.write(f"""
-[client]
-remote_addr = "127.0.0.1:{ctrl}"
-default_token = "bench"
-[client.services.iperf_tcp]
-type = "tcp"
-local_addr = "{target_ip}:5201"
-[client.services.iperf_udp]
-type = "udp"
-local_addr = "{target_ip}:5201"
-[client.services.echo_tcp]
-type = "tcp"
-local_addr = "{target_ip}:7"
-[client.services.echo_udp]
-type = "udp"
-local_addr = "{target_ip}:7"
-""")
+        # name, protocol, public port, container port
+        services = [("iperf_tcp", "tcp", self.iperf_port, 5201),
+                    ("iperf_udp", "udp", self.iperf_port, 5201),
+                    ("echo_tcp", "tcp", self.echo_port, 7),
+                    ("echo_udp", "udp", self.echo_port, 7)]
+        server = f'[server]\nbind_addr = "127.0.0.1:{ctrl}"\ndefault_token = "bench"\n' + "".join(
+            f'[server.services.{n}]\ntype = "{kind}"\nbind_addr = "127.0.0.1:{public}"\n'
+            for n, kind, public, _ in services)
+        client = f'[client]\nremote_addr = "127.0.0.1:{ctrl}"\ndefault_token = "bench"\n' + "".join(
+            f'[client.services.{n}]\ntype = "{kind}"\nlocal_addr = "{target_ip}:{port}"\n'
+            for n, kind, _, port in services)
         env = dict(os.environ, RUST_LOG="error")
-        self.server = subprocess.Popen([RATHOLE, "--server", os.path.join(self.dir, "server.toml")],
-                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = subprocess.Popen([RATHOLE, "--client", os.path.join(self.dir, "client.toml")],
-                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs = []
+        for role, text in (("server", server), ("client", client)):
+            path = os.path.join(self.dir, f"{role}.toml")
+            with open(path, "w") as f:
+                f.write(text)
+            self.procs.append(subprocess.Popen([RATHOLE, f"--{role}", path], env=env,
+                                               stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL))
+        self.server, self.client = self.procs
         wait_tcp("127.0.0.1", self.echo_port)
 
     def stop(self):
         for p in (self.client, self.server):
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--secs", type=int, default=3)
     ap.add_argument("--pings", type=int, default=2000)
@@ -329,8 +260,7 @@ def main():
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.conns + 1024)), hard))
-    if not os.path.exists(KISARA):
-        subprocess.run(["cargo", "build", "--release", "-p", "kisara"], cwd=ROOT, check=True)
+    build_if_missing()
     if not os.path.exists(RATHOLE):
         sys.exit("rathole not found: cargo install rathole")
     subprocess.run([os.path.join(ROOT, "scripts", "iperf3-image.sh")], check=True)

@@ -17,15 +17,21 @@ each, `depends_on: {condition: service_healthy}` down the chain, only web's port
    Everything is removed between phases.
 
 Usage: bench/services.py [RUNS] [INSTANCES]   (default 10 and 50; needs kisara-test/busybox)
-Starts its own `kisara up` (release build) on a temporary data dir and a loopback port.
+Starts its own `kisara up` (release build, made when missing, or $KISARA_BIN) on a temporary
+data dir and a loopback port.
 """
 import concurrent.futures as cf
-import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+import functools, os, shutil, signal, statistics, subprocess, sys, tempfile, time
 
-RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-INSTANCES = int(sys.argv[2]) if len(sys.argv) > 2 else 50
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KISARA = os.path.join(ROOT, "target", "release", "kisara")
+import common
+from common import build_if_missing, free_port, answers, kisara_up, positional, stop_kisara
+from common import wait_ready
+
+ARGS = positional(__doc__, ("RUNS", 10, "single launches of each kind"),
+                  ("INSTANCES", 50, "instances launched at once"))
+RUNS, INSTANCES = ARGS.runs, ARGS.instances
+# Fifty services at once take a while to answer.
+api = functools.partial(common.api, timeout=300)
 FIFTY_INTERVAL = "10s"
 # Written while this script's swarm exists: a run killed before its cleanup leaves the marker,
 # and the next run leaves that swarm before anything else.
@@ -62,44 +68,8 @@ def challenge(swarm=False, interval="1s"):
             HEALTH.format(interval=interval, test="nc -w 2 127.0.0.1 5432 </dev/null | grep -q db-ok") + deploy)
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def answers(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP")
-    except OSError:
-        return False
-
-
-def wait_http(port, deadline=60.0):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if answers(port):
-            return
-        time.sleep(0.005)
-    raise RuntimeError(f"port {port} never answered")
-
-
-def api(url, token, method, path, body=None, timeout=300):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method=method)
-    req.add_header("Authorization", "Bearer " + token)
-    if data:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-            return json.loads(raw) if raw else None
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"{method} {path}: {e.code} {e.read().decode(errors='replace')}")
+def wait_http(port):
+    common.wait_http(port, deadline=60.0)
 
 
 def sh(*args, **kw):
@@ -184,20 +154,16 @@ def main():
         for s in [f"kbench{i}" for i in range(INSTANCES)]:
             subprocess.run(["docker", "stack", "rm", s], capture_output=True)
         leave_swarm()
-    if not os.path.exists(KISARA):
-        subprocess.run(["cargo", "build", "--release", "-p", "kisara"], cwd=ROOT, check=True)
+    build_if_missing()
     data = tempfile.mkdtemp(prefix="kisara-bench-")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, KISARA_LOG="warn")
     # 150 containers at Kisara's default reservation of one core each on a small machine: the
     # ledger is told to overcommit cpu as far as the peers do (they reserve nothing).
     config = os.path.join(data, "kisara.toml")
     with open(config, "w") as f:
         f.write("[server]\ncpu_overcommit = 200.0\n")
-    proc = subprocess.Popen([KISARA, "up", "--config", config, "--data-dir", data,
-                             "--listen", f"127.0.0.1:{port}"],
-                            env=env, stdout=subprocess.DEVNULL)
+    proc = kisara_up(data, port, config)
     text = challenge()
     # Fifty at once: 150 containers probed every second would cost this 2-core machine more
     # exec CPU than it has (each probe is a runc exec), so the fifty use a 10 s interval.
@@ -208,16 +174,7 @@ def main():
     swarm_started = False
     token = None
     try:
-        end = time.monotonic() + 30
-        token = None
-        while time.monotonic() < end:
-            try:
-                token = open(os.path.join(data, "admin.token")).read().strip()
-                if any(n["state"] == "ready" for n in api(url, token, "GET", "/v1/nodes")["items"]):
-                    break
-            except Exception:
-                pass
-            time.sleep(0.05)
+        token = wait_ready(url, data, proc, "kisara up", deadline=30)
         time.sleep(2)
 
         # 1. single launches, interleaved
@@ -273,11 +230,7 @@ def main():
             if left != "inactive":
                 print(f"WARNING: the swarm is still {left}: run `docker swarm leave --force`",
                       file=sys.stderr)
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_kisara(proc, url, token)
         shutil.rmtree(data, ignore_errors=True)
 
 

@@ -87,6 +87,8 @@ const IMAGE_REPORT_EVERY: u64 = 12;
 /// How long operations in progress may run on after the channel dropped, before the agent
 /// reconnects (and takes the inventory the server reconciles from).
 const SETTLE_ON_DROP: Duration = Duration::from_secs(30);
+/// The same when the agent is told to stop: shorter, an operator is waiting.
+const SETTLE_ON_SHUTDOWN: Duration = Duration::from_secs(10);
 
 /// Outcome of one connection.
 enum SessionEnd {
@@ -235,7 +237,10 @@ impl Agent {
         let connect = tokio::select! {
             c = tokio_tungstenite::connect_async_tls_with_config(
                 url,
-                None,
+                Some(
+                    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                        .read_buffer_size(kisara_api::agent::CHANNEL_READ_BUFFER),
+                ),
                 // disable_nagle: replies are small frames that must not wait for an ACK.
                 true,
                 self.tls.clone().map(tokio_tungstenite::Connector::Rustls),
@@ -492,27 +497,34 @@ impl Agent {
         heartbeat.abort();
         engine_events.abort();
         tunnels.abort_all();
-        if matches!(end, SessionEnd::Dropped) && !tasks.is_empty() {
+        let settle = match end {
+            SessionEnd::Dropped => Some(SETTLE_ON_DROP),
+            SessionEnd::Shutdown => Some(SETTLE_ON_SHUTDOWN),
+            SessionEnd::Failed(_) => None,
+        };
+        if let Some(limit) = settle.filter(|_| !tasks.is_empty()) {
             // Operations already sent to the engine (a launch, a network) are let finish
             // rather than cut off half-way: the engine would often complete them anyway,
             // after the next session's inventory was taken, and the server would then have
-            // settled their rows as interrupted and never learn of what they made. Streams
-            // (logs, pulls, loads) have no result to keep and end now.
+            // settled their rows as interrupted and never learn of what they made. On
+            // shutdown the same holds for whoever cleans up after this agent returned: an
+            // abandoned create would land behind their back. Streams (logs, pulls, loads)
+            // have no result to keep and end now.
             if let Ok(mut s) = streams.lock() {
                 for (_, h) in s.drain() {
                     h.abort();
                 }
             }
             let pending = tasks.len();
-            let settled = tokio::time::timeout(SETTLE_ON_DROP, async {
-                while tasks.join_next().await.is_some() {}
-            })
-            .await
-            .is_ok();
+            let settled =
+                tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} })
+                    .await
+                    .is_ok();
             tracing::info!(
                 operations = pending,
                 settled,
-                "channel dropped; let the operations in progress finish before reconnecting"
+                shutdown = matches!(end, SessionEnd::Shutdown),
+                "let the operations in progress finish before leaving the session"
             );
         }
         tasks.abort_all();

@@ -18,6 +18,12 @@ use crate::{EngineInfo, ErrorBody, ExecRequest, ExecResult, ImageSummary, NodeSt
 /// Version of this protocol; a server refuses agents that speak another.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The read buffer of each end of the agent channel. The WebSocket library zero-fills its
+/// whole read buffer before every read, and its default is 128 KiB: with frames of a few
+/// hundred bytes that fill was the largest single cost of a frame. Larger frames still
+/// arrive whole (the buffer grows for them).
+pub const CHANNEL_READ_BUFFER: usize = 8 * 1024;
+
 /// A secret string (token, credential): serialized as is, never shown by `Debug` or `Display`.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]

@@ -68,6 +68,11 @@ pub struct NodeSnapshot {
     pub reserved: Resources,
     /// Image ids and tags the node last reported; `None` when it has not reported yet.
     pub images: Option<Arc<HashSet<String>>>,
+    /// The node's position among all nodes ordered by (name, id), when the caller keeps one
+    /// (0 for every node otherwise). Ties go to the smaller rank, then to the smaller name and
+    /// id: a rank consistent with that order changes no answer, and spares comparing names
+    /// when most nodes tie (spread over an idle cluster).
+    pub rank: u32,
 }
 
 impl NodeSnapshot {
@@ -85,6 +90,7 @@ impl NodeSnapshot {
             containers: 0,
             reserved: Resources::default(),
             images: None,
+            rank: 0,
         }
     }
 
@@ -365,6 +371,7 @@ pub fn place_by<'a>(
         ImagePresence,
         u64,
         u64,
+        std::cmp::Reverse<u32>,
         std::cmp::Reverse<(&'a str, &'a str)>,
     );
     let mut best: Option<(Key<'_>, usize)> = None;
@@ -404,6 +411,7 @@ pub fn place_by<'a>(
             presence,
             load_key,
             count_key,
+            std::cmp::Reverse(n.rank),
             std::cmp::Reverse((n.name.as_str(), n.id.as_str())),
         );
         if best.as_ref().is_none_or(|(b, _)| key > *b) {
@@ -647,6 +655,21 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// Ranks consistent with the (name, id) order change no answer: they only spare the
+        /// scheduler comparing names.
+        #[test]
+        fn ranks_change_no_answer(nodes in arb_nodes(), r in arb_req(), binpack in any::<bool>()) {
+            let s = if binpack { Strategy::Binpack } else { Strategy::Spread };
+            let plain = place(&nodes, &r, s).map(|p| p.node_id);
+            let mut ranked = nodes.clone();
+            let mut order: Vec<usize> = (0..ranked.len()).collect();
+            order.sort_by(|&a, &b| (&nodes[a].name, &nodes[a].id).cmp(&(&nodes[b].name, &nodes[b].id)));
+            for (rank, i) in order.into_iter().enumerate() {
+                ranked[i].rank = rank as u32;
+            }
+            prop_assert_eq!(plain.ok(), place(&ranked, &r, s).map(|p| p.node_id).ok());
         }
 
         /// Same input, same answer; and the answer does not depend on the order of the nodes.

@@ -244,8 +244,10 @@ impl State {
         if self.images.iter().any(|i| i.tags.contains(&tag)) {
             return false;
         }
+        // Content-addressed like a real engine's: the same image has the same id on every
+        // node (the server shares one image set among nodes that report the same images).
         self.images.push(Image {
-            id: format!("sha256:{}", new_id()),
+            id: image_id(&tag),
             tags: vec![tag],
             created: now(),
         });
@@ -1022,6 +1024,14 @@ fn now() -> i64 {
 
 /// A 64-hex-digit id, unique within the process (a counter through a bijective mix, salted so
 /// that two processes do not produce the same ids).
+/// A stable image id for a reference: `sha256:` and the hex SHA-256 of the reference.
+fn image_id(reference: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(reference.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
 fn new_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(1);
     static SALT: OnceLock<u64> = OnceLock::new();

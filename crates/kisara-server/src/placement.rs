@@ -57,8 +57,40 @@ struct Inner {
     by_id: HashMap<String, usize>,
     /// Container id → what it holds.
     held: HashMap<String, Held>,
-    /// The image set last reported (see [`Ledger::set_images`]).
-    last_images: Option<Arc<HashSet<String>>>,
+    /// The distinct image sets nodes hold (see [`Inner::intern`]).
+    image_sets: Vec<Arc<HashSet<String>>>,
+}
+
+/// Distinct image sets kept for sharing; past this many, new sets are not interned.
+const MAX_IMAGE_SETS: usize = 64;
+
+impl Inner {
+    /// Ranks the nodes by (name, id), the scheduler's tie-break (see `NodeSnapshot::rank`).
+    fn rerank(&mut self) {
+        let mut order: Vec<usize> = (0..self.nodes.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&self.nodes[a].snap, &self.nodes[b].snap);
+            (&a.name, &a.id).cmp(&(&b.name, &b.id))
+        });
+        for (rank, i) in order.into_iter().enumerate() {
+            self.nodes[i].snap.rank = u32::try_from(rank).unwrap_or(u32::MAX);
+        }
+    }
+
+    /// Nodes with the same images share one set, whatever order they report in: the
+    /// scheduler then looks an image up once per distinct set, not once per node. Sets no
+    /// node holds any more are dropped when a new one arrives.
+    fn intern(&mut self, set: HashSet<String>) -> Arc<HashSet<String>> {
+        if let Some(same) = self.image_sets.iter().find(|s| ***s == set) {
+            return same.clone();
+        }
+        self.image_sets.retain(|s| Arc::strong_count(s) > 1);
+        let set = Arc::new(set);
+        if self.image_sets.len() < MAX_IMAGE_SETS {
+            self.image_sets.push(set.clone());
+        }
+        set
+    }
 }
 
 /// The allocation ledger. Cheap to share: one mutex, held for O(nodes) work at most.
@@ -174,9 +206,11 @@ impl Ledger {
 
     /// Adds or refreshes a node from its stored record (flags, labels, limits, engine).
     fn upsert(&self, inner: &mut Inner, rec: &NodeRecord) {
+        let mut rerank = false;
         let idx = match inner.by_id.get(&rec.id) {
             Some(&i) => i,
             None => {
+                rerank = true;
                 inner.nodes.push(Entry {
                     snap: NodeSnapshot::new(rec.id.clone(), rec.name.clone()),
                     live: Liveness {
@@ -191,7 +225,10 @@ impl Ledger {
             }
         };
         let e = &mut inner.nodes[idx];
-        e.snap.name = rec.name.clone();
+        if e.snap.name != rec.name {
+            e.snap.name = rec.name.clone();
+            rerank = true;
+        }
         e.snap.cordoned = rec.cordoned || rec.draining;
         e.snap.draining = rec.draining;
         e.snap.labels = rec.effective_labels();
@@ -199,6 +236,9 @@ impl Ledger {
         e.cpus = rec.engine.cpus;
         e.memory_total = rec.engine.memory_total;
         self.capacity(e);
+        if rerank {
+            inner.rerank();
+        }
     }
 
     /// Re-reads a node's record (after it connected, or the operator changed it).
@@ -250,24 +290,26 @@ impl Ledger {
     pub fn set_images(&self, node_id: &str, images: Vec<String>) {
         let set: HashSet<String> = images.into_iter().collect();
         let mut inner = self.lock();
-        let set = match &inner.last_images {
-            Some(last) if **last == set => last.clone(),
-            _ => Arc::new(set),
+        let Some(&i) = inner.by_id.get(node_id) else {
+            return;
         };
-        if let Some(&i) = inner.by_id.get(node_id) {
-            inner.nodes[i].snap.images = Some(set.clone());
-            inner.last_images = Some(set);
-        }
+        let set = inner.intern(set);
+        inner.nodes[i].snap.images = Some(set);
     }
 
     /// Records that a node now holds `reference` (after a pull), until its next report.
     pub fn add_image(&self, node_id: &str, reference: &str) {
         let mut inner = self.lock();
         if let Some(&i) = inner.by_id.get(node_id) {
-            let snap = &mut inner.nodes[i].snap;
-            let mut set: HashSet<String> = snap.images.as_deref().cloned().unwrap_or_default();
+            let mut set: HashSet<String> = inner.nodes[i]
+                .snap
+                .images
+                .as_deref()
+                .cloned()
+                .unwrap_or_default();
             set.insert(scheduler::with_default_tag(reference));
-            snap.images = Some(Arc::new(set));
+            let set = inner.intern(set);
+            inner.nodes[i].snap.images = Some(set);
         }
     }
 

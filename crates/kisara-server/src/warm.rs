@@ -67,7 +67,9 @@ pub async fn wait_for_spare(st: &Arc<AppState>, node_id: &str, owner: &str) -> O
 /// Tops the node's spares up to the configured count, in the background.
 pub fn refill(st: &Arc<AppState>, node_id: &str) {
     let target = st.settings.warm_networks as usize;
-    if target == 0 {
+    // Nothing new is started once the server is stopping: a spare made now would only be
+    // left for the next start to settle.
+    if target == 0 || st.shutdown.is_cancelled() {
         return;
     }
     {

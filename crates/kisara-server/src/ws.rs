@@ -18,6 +18,7 @@ const MAX_FRAME: usize = 64 << 20;
 
 pub async fn connect(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
     ws.max_message_size(MAX_FRAME)
+        .read_buffer_size(kisara_api::agent::CHANNEL_READ_BUFFER)
         .on_upgrade(move |socket| serve_agent(state, socket))
 }
 
@@ -157,13 +158,25 @@ async fn serve_agent(state: Arc<AppState>, mut socket: WebSocket) {
 
     let shutdown = state.shutdown.clone();
     let silence_limit = state.settings.heartbeat_interval * 3;
+    // One timer for the session, re-armed only when it fires (not per frame): a busy node
+    // sends thousands of frames a second.
+    let mut last_frame = tokio::time::Instant::now();
+    let silence = tokio::time::sleep(silence_limit);
+    tokio::pin!(silence);
     loop {
         // An agent that says nothing for three heartbeat intervals is gone, even if its TCP
         // connection is not (a frozen process, a cut cable): close the session, so that the
         // disconnect is a fact and the node's grace period starts.
         let frame = tokio::select! {
-            f = stream.next() => f,
-            _ = tokio::time::sleep(silence_limit) => {
+            f = stream.next() => {
+                last_frame = tokio::time::Instant::now();
+                f
+            }
+            _ = &mut silence => {
+                if last_frame.elapsed() < silence_limit {
+                    silence.as_mut().reset(last_frame + silence_limit);
+                    continue;
+                }
                 tracing::warn!(node = %node_id, "agent silent for {silence_limit:?}; closing its channel");
                 break;
             }

@@ -9,7 +9,7 @@
 use kisara_api::{DeliveryAttempt, DeliveryState, Event, EventFilter, WebhookDelivery};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::{from_json, json, Result, Store, StoreError};
+use crate::{from_json, json, Cached, Result, Store, StoreError};
 
 /// Tables of events, webhooks and their deliveries.
 pub(crate) const MIGRATION_EVENTS: &str = r#"
@@ -219,7 +219,7 @@ impl Store {
             if !EventFilter::kind_matches(&kinds, &stored.kind) {
                 continue;
             }
-            tx.execute(
+            tx.exec(
                 "INSERT INTO webhook_deliveries(webhook_id, event_id, kind, payload, state,
                      next_attempt_at, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?5)",
@@ -235,7 +235,7 @@ impl Store {
     pub fn has_fact(&self, fact: &str) -> Result<bool> {
         Ok(self
             .conn()
-            .query_row("SELECT 1 FROM events WHERE fact = ?1", [fact], |_| Ok(()))
+            .row("SELECT 1 FROM events WHERE fact = ?1", [fact], |_| Ok(()))
             .optional()?
             .is_some())
     }
@@ -244,7 +244,7 @@ impl Store {
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
         let sql = format!("SELECT {EVENT_COLS} FROM events WHERE id > ?1 ORDER BY id LIMIT ?2");
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![after as i64, limit as i64], event_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
@@ -253,7 +253,7 @@ impl Store {
     pub fn last_event_id(&self) -> Result<u64> {
         let seq: Option<i64> = self
             .conn()
-            .query_row(
+            .row(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
                 [],
                 |r| r.get(0),
@@ -267,12 +267,12 @@ impl Store {
     pub fn prune_events(&self, keep: u64, before: i64) -> Result<usize> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let n = tx.execute(
+        let n = tx.exec(
             "DELETE FROM events WHERE time < ?1
                  OR id <= (SELECT coalesce(max(id), 0) FROM events) - ?2",
             params![before, keep as i64],
         )?;
-        tx.execute(
+        tx.exec(
             "DELETE FROM webhook_deliveries WHERE state != 'pending' AND updated_at < ?1",
             params![before],
         )?;
@@ -283,7 +283,7 @@ impl Store {
     // ---- webhooks ----
 
     pub fn insert_webhook(&self, w: &WebhookRecord) -> Result<()> {
-        self.conn().execute(
+        self.conn().exec(
             "INSERT INTO webhooks(id, url, secret, kinds, max_attempts, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -301,7 +301,7 @@ impl Store {
     pub fn get_webhook(&self, id: &str) -> Result<WebhookRecord> {
         let sql = format!("SELECT {WEBHOOK_COLS} FROM webhooks WHERE id = ?1");
         self.conn()
-            .query_row(&sql, [id], webhook_row)
+            .row(&sql, [id], webhook_row)
             .optional()?
             .ok_or_else(|| StoreError::NotFound(format!("no such webhook: {id}")))
     }
@@ -309,7 +309,7 @@ impl Store {
     pub fn list_webhooks(&self) -> Result<Vec<WebhookRecord>> {
         let sql = format!("SELECT {WEBHOOK_COLS} FROM webhooks ORDER BY created_at, id");
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map([], webhook_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
@@ -318,13 +318,13 @@ impl Store {
     pub fn delete_webhook(&self, id: &str) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
+        tx.exec(
             "DELETE FROM webhook_attempts WHERE delivery_id IN
                  (SELECT id FROM webhook_deliveries WHERE webhook_id = ?1)",
             [id],
         )?;
-        tx.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?1", [id])?;
-        let n = tx.execute("DELETE FROM webhooks WHERE id = ?1", [id])?;
+        tx.exec("DELETE FROM webhook_deliveries WHERE webhook_id = ?1", [id])?;
+        let n = tx.exec("DELETE FROM webhooks WHERE id = ?1", [id])?;
         if n == 0 {
             return Err(StoreError::NotFound(format!("no such webhook: {id}")));
         }
@@ -334,7 +334,7 @@ impl Store {
 
     pub fn delivery_counts(&self, webhook_id: &str) -> Result<DeliveryCounts> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT state, count(*) FROM webhook_deliveries WHERE webhook_id = ?1 GROUP BY state",
         )?;
         let rows = stmt.query_map([webhook_id], |r| {
@@ -357,7 +357,7 @@ impl Store {
     pub fn next_delivery(&self, webhook_id: &str) -> Result<Option<PendingDelivery>> {
         Ok(self
             .conn()
-            .query_row(
+            .row(
                 "SELECT id, webhook_id, event_id, kind, payload, attempts, next_attempt_at
                  FROM webhook_deliveries WHERE webhook_id = ?1 AND state = 'pending'
                  ORDER BY id LIMIT 1",
@@ -386,7 +386,7 @@ impl Store {
     ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
+        tx.exec(
             "INSERT OR REPLACE INTO webhook_attempts(delivery_id, attempt, time, status, error)
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
@@ -402,7 +402,7 @@ impl Store {
             AttemptOutcome::Retry { at } => ("pending", *at),
             AttemptOutcome::Failed => ("failed", attempt.time),
         };
-        tx.execute(
+        tx.exec(
             "UPDATE webhook_deliveries SET state = ?2, attempts = ?3, next_attempt_at = ?4,
                  updated_at = ?5 WHERE id = ?1",
             params![
@@ -420,7 +420,7 @@ impl Store {
     /// A webhook's newest deliveries first, each with its attempts.
     pub fn list_deliveries(&self, webhook_id: &str, limit: usize) -> Result<Vec<WebhookDelivery>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT id, event_id, kind, state, attempts, next_attempt_at, created_at
              FROM webhook_deliveries WHERE webhook_id = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
@@ -438,7 +438,7 @@ impl Store {
             })
         })?;
         let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut attempts = conn.prepare(
+        let mut attempts = conn.prepare_cached(
             "SELECT attempt, time, status, error FROM webhook_attempts
              WHERE delivery_id = ?1 ORDER BY attempt",
         )?;

@@ -10,7 +10,7 @@ use kisara_api::InstanceFlag;
 use kisara_core::instances::AdmissionLimits;
 use rusqlite::{params, OptionalExtension, Row, Transaction};
 
-use crate::{Result, Store, StoreError};
+use crate::{Cached, Result, Store, StoreError};
 
 pub(crate) const MIGRATION_INSTANCES: &str = r#"
 CREATE TABLE IF NOT EXISTS instances (
@@ -109,7 +109,7 @@ fn count(tx: &Transaction<'_>, owner: Option<&str>, module: Option<&str>) -> Res
         "SELECT count(*) FROM instances WHERE (?1 IS NULL OR owner = ?1)
            AND (?2 IS NULL OR module = ?2) AND {LIVE}"
     );
-    let n: i64 = tx.query_row(&sql, params![owner, module], |r| r.get(0))?;
+    let n: i64 = tx.row(&sql, params![owner, module], |r| r.get(0))?;
     Ok(n.max(0) as u64)
 }
 
@@ -144,7 +144,7 @@ fn check_limits(
                 "SELECT id FROM instances WHERE owner = ?1 AND module = ?2 AND {LIVE} LIMIT 1"
             );
             let existing: Option<String> = tx
-                .query_row(&sql, params![owner, module], |r| r.get(0))
+                .row(&sql, params![owner, module], |r| r.get(0))
                 .optional()?;
             if let Some(existing) = existing {
                 return Err(StoreError::QuotaExceeded(format!(
@@ -158,7 +158,7 @@ fn check_limits(
 }
 
 fn insert(tx: &Transaction<'_>, rec: &InstanceRecord) -> Result<()> {
-    tx.execute(
+    tx.exec(
         &format!(
             "INSERT INTO instances({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
         ),
@@ -249,7 +249,7 @@ impl Store {
 
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRecord>> {
         let sql = format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = ?1");
-        Ok(self.conn().query_row(&sql, [id], instance_row).optional()?)
+        Ok(self.conn().row(&sql, [id], instance_row).optional()?)
     }
 
     /// Every instance record (a list answer decorates its containers from these).
@@ -284,7 +284,7 @@ impl Store {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let sql = format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = ?1");
         let mut rec = tx
-            .query_row(&sql, [id], instance_row)
+            .row(&sql, [id], instance_row)
             .optional()?
             .ok_or_else(|| StoreError::NotFound(format!("no such instance: {id}")))?;
         let expires_at = match decide(&rec) {
@@ -293,7 +293,7 @@ impl Store {
         };
         rec.expires_at = Some(expires_at);
         rec.renewals = rec.renewals.saturating_add(1);
-        tx.execute(
+        tx.exec(
             "UPDATE instances SET expires_at = ?2, renewals = ?3 WHERE id = ?1",
             params![id, expires_at, rec.renewals as i64],
         )?;
@@ -303,7 +303,7 @@ impl Store {
 
     /// Replaces an instance's flags (AWD rotation).
     pub fn set_instance_flags(&self, id: &str, flags: &[InstanceFlag]) -> Result<()> {
-        self.conn().execute(
+        self.conn().exec(
             "UPDATE instances SET flags = ?2 WHERE id = ?1",
             params![
                 id,
@@ -324,7 +324,7 @@ impl Store {
 
     pub fn delete_instance(&self, id: &str) -> Result<()> {
         self.conn()
-            .execute("DELETE FROM instances WHERE id = ?1", [id])?;
+            .exec("DELETE FROM instances WHERE id = ?1", [id])?;
         Ok(())
     }
 
@@ -333,7 +333,7 @@ impl Store {
         let sql =
             format!("SELECT {INSTANCE_COLS} FROM instances WHERE awd_game = ?1 ORDER BY awd_team");
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map([game_id], instance_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
@@ -341,7 +341,7 @@ impl Store {
     // ---- AWD games ----
 
     pub fn insert_awd_game(&self, g: &AwdGameRecord) -> Result<()> {
-        let r = self.conn().execute(
+        let r = self.conn().exec(
             "INSERT INTO awd_games(id, name, node_id, network_id, spec, round, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -384,7 +384,7 @@ impl Store {
                 "SELECT id, name, node_id, network_id, spec, round, created_at
                  FROM awd_games WHERE {col} = ?1"
             );
-            if let Some(g) = conn.query_row(&sql, [key], Self::awd_row).optional()? {
+            if let Some(g) = conn.row(&sql, [key], Self::awd_row).optional()? {
                 return Ok(g);
             }
         }
@@ -393,7 +393,7 @@ impl Store {
 
     pub fn list_awd_games(&self) -> Result<Vec<AwdGameRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT id, name, node_id, network_id, spec, round, created_at
              FROM awd_games ORDER BY created_at, id",
         )?;
@@ -404,9 +404,9 @@ impl Store {
     /// Moves a game to its next round; answers the new round.
     pub fn next_awd_round(&self, id: &str) -> Result<u64> {
         let conn = self.conn();
-        conn.execute("UPDATE awd_games SET round = round + 1 WHERE id = ?1", [id])?;
+        conn.exec("UPDATE awd_games SET round = round + 1 WHERE id = ?1", [id])?;
         let round: i64 = conn
-            .query_row("SELECT round FROM awd_games WHERE id = ?1", [id], |r| {
+            .row("SELECT round FROM awd_games WHERE id = ?1", [id], |r| {
                 r.get(0)
             })
             .optional()?
@@ -416,7 +416,7 @@ impl Store {
 
     pub fn delete_awd_game(&self, id: &str) -> Result<()> {
         self.conn()
-            .execute("DELETE FROM awd_games WHERE id = ?1", [id])?;
+            .exec("DELETE FROM awd_games WHERE id = ?1", [id])?;
         Ok(())
     }
 }

@@ -7,7 +7,7 @@
 use kisara_api::{Container, ContainerState};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{Result, Store, StoreError};
+use crate::{Cached, Result, Store, StoreError};
 
 pub(crate) const MIGRATION_LAUNCH: &str = r#"
 ALTER TABLE containers ADD COLUMN idempotency_key TEXT;
@@ -23,7 +23,7 @@ impl Store {
 
     /// [`Store::set_idempotency_key`] on a connection or inside a transaction.
     pub(crate) fn set_idempotency_key_on(conn: &Connection, id: &str, key: &str) -> Result<()> {
-        let r = conn.execute(
+        let r = conn.exec(
             "UPDATE containers SET idempotency_key = ?2 WHERE id = ?1",
             params![id, key],
         );
@@ -48,7 +48,7 @@ impl Store {
         );
         Ok(self
             .conn()
-            .query_row(&sql, [key], Self::container_row)
+            .row(&sql, [key], Self::container_row)
             .optional()?)
     }
 
@@ -96,7 +96,7 @@ impl Store {
 
     /// Records the engine's id of a network whose row was written before it was made.
     pub fn set_network_docker_id(&self, id: &str, docker_id: &str) -> Result<()> {
-        self.conn().execute(
+        self.conn().exec(
             "UPDATE networks SET docker_id = ?2 WHERE id = ?1",
             params![id, docker_id],
         )?;
@@ -106,7 +106,7 @@ impl Store {
     /// Returns to the pool every subnet held by a network the store no longer has (a crash
     /// between allocation and the network's row). Run before serving.
     pub fn release_orphan_subnets(&self) -> Result<usize> {
-        Ok(self.conn().execute(
+        Ok(self.conn().exec(
             "DELETE FROM subnets WHERE holder != ?1
                AND holder NOT IN (SELECT id FROM networks)",
             [crate::EXTERNAL_HOLDER],

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use kisara_api::{ExposeMode, PortRange, Protocol};
 use rusqlite::{params, Row, TransactionBehavior};
 
-use crate::{Result, Store, StoreError};
+use crate::{Cached, Result, Store, StoreError};
 
 pub(crate) const MIGRATION_LEASES: &str = r#"
 CREATE TABLE IF NOT EXISTS port_leases (
@@ -157,7 +157,7 @@ impl Store {
                     }
                 ))
             })?;
-            tx.execute(
+            tx.exec(
                 "INSERT INTO port_leases (scope, protocol, port, mode, node_id, container_id,
                      service_id, container_port, rate_kbps, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -193,7 +193,7 @@ impl Store {
 
     /// Gives one lease back; `false` when it was not held.
     pub fn release_lease(&self, scope: &str, protocol: Protocol, port: u16) -> Result<bool> {
-        let n = self.conn().execute(
+        let n = self.conn().exec(
             "DELETE FROM port_leases WHERE scope = ?1 AND protocol = ?2 AND port = ?3",
             params![scope, protocol_str(protocol), port],
         )?;
@@ -211,7 +211,7 @@ impl Store {
             let rows = stmt.query_map([container_id], lease_row)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
-        tx.execute(
+        tx.exec(
             "DELETE FROM port_leases WHERE container_id = ?1",
             [container_id],
         )?;
@@ -221,7 +221,7 @@ impl Store {
 
     /// Gives back every lease of a service.
     pub fn release_service_leases(&self, service_id: &str) -> Result<usize> {
-        Ok(self.conn().execute(
+        Ok(self.conn().exec(
             "DELETE FROM port_leases WHERE service_id = ?1",
             [service_id],
         )?)

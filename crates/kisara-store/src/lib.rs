@@ -114,7 +114,17 @@ const MIGRATIONS: &[&str] = &[
     services::MIGRATION_SERVICES,
     leases::MIGRATION_LEASES,
     instances::MIGRATION_INSTANCES,
+    MIGRATION_SPARE_INDEX,
 ];
+
+/// The warm pool reads a node's unclaimed networks after every launch, and a launch claims
+/// the oldest: an index over exactly those rows, in that order. Without it SQLite chose
+/// between `networks_node` (every network the node ever had) and `networks_owned_by`
+/// (every unclaimed network of every node), and either grew with the cluster.
+const MIGRATION_SPARE_INDEX: &str = r#"
+CREATE INDEX IF NOT EXISTS networks_unclaimed ON networks(node_id, created_at, id)
+    WHERE owned_by IS NULL;
+"#;
 
 const MIGRATION_1: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -251,7 +261,33 @@ impl SubnetCache {
 }
 
 fn subnet_generation(conn: &Connection) -> Result<i64> {
-    Ok(conn.query_row("SELECT n FROM temp.subnet_generation", [], |r| r.get(0))?)
+    Ok(conn.row("SELECT n FROM temp.subnet_generation", [], |r| r.get(0))?)
+}
+
+const STATEMENT_CACHE: usize = 256;
+
+/// Statements through the connection's prepared-statement cache: the store runs the same few
+/// dozen statements over and over, and parsing each anew cost more than running it.
+pub(crate) trait Cached {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn row<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn row<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
 }
 
 /// Turns "not found" into `None`, for callers to whom absence is not an error.
@@ -367,7 +403,7 @@ impl Store {
                         break;
                     }
                     if let Err(e) =
-                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                        conn.row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                     {
                         tracing::debug!(error = %e, "checkpoint failed; retried");
                     }
@@ -386,6 +422,8 @@ impl Store {
         // Another process holding the write lock (a backup, a second server by mistake) makes
         // us wait briefly instead of failing at once.
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Room for every statement the store runs (see [`Cached`]); the default holds 16.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
         // Every change to the subnets table, by any statement of this connection, bumps a
@@ -417,12 +455,12 @@ impl Store {
     pub fn get_meta(&self, key: &str) -> Result<Option<String>> {
         Ok(self
             .conn()
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?)
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.conn().execute(
+        self.conn().exec(
             "INSERT INTO meta(key, value) VALUES (?1, ?2)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             params![key, value],
@@ -433,7 +471,7 @@ impl Store {
     // ---- nodes ----
 
     pub fn create_node(&self, id: &str, name: &str, credential: &str, now: i64) -> Result<()> {
-        let r = self.conn().execute(
+        let r = self.conn().exec(
             "INSERT INTO nodes(id, name, credential_hash, created_at, last_seen)
              VALUES (?1, ?2, ?3, ?4, ?4)",
             params![id, name, hash(credential), now],
@@ -452,7 +490,7 @@ impl Store {
     }
 
     pub fn set_node_credential(&self, id: &str, credential: &str) -> Result<()> {
-        let n = self.conn().execute(
+        let n = self.conn().exec(
             "UPDATE nodes SET credential_hash = ?2 WHERE id = ?1",
             params![id, hash(credential)],
         )?;
@@ -466,7 +504,7 @@ impl Store {
     pub fn node_credential_matches(&self, id: &str, credential: &str) -> Result<bool> {
         let stored: Option<String> = self
             .conn()
-            .query_row(
+            .row(
                 "SELECT credential_hash FROM nodes WHERE id = ?1",
                 [id],
                 |r| r.get(0),
@@ -480,7 +518,7 @@ impl Store {
 
     /// Records what a node said about itself when it connected.
     pub fn update_node_hello(&self, id: &str, hello: &Hello, now: i64) -> Result<()> {
-        self.conn().execute(
+        self.conn().exec(
             "UPDATE nodes SET public_address = ?2, labels = ?3, max_containers = ?4,
                  engine = ?5, agent_version = ?6, last_seen = ?7 WHERE id = ?1",
             params![
@@ -497,7 +535,7 @@ impl Store {
     }
 
     pub fn update_node_seen(&self, id: &str, now: i64) -> Result<()> {
-        self.conn().execute(
+        self.conn().exec(
             "UPDATE nodes SET last_seen = ?2 WHERE id = ?1",
             params![id, now],
         )?;
@@ -527,7 +565,7 @@ impl Store {
 
     /// Sets the operator's scheduling flags of a node.
     pub fn set_node_flags(&self, id: &str, cordoned: bool, draining: bool) -> Result<()> {
-        let n = self.conn().execute(
+        let n = self.conn().exec(
             "UPDATE nodes SET cordoned = ?2, draining = ?3 WHERE id = ?1",
             params![id, cordoned, draining],
         )?;
@@ -543,7 +581,7 @@ impl Store {
         id: &str,
         overrides: &BTreeMap<String, Option<String>>,
     ) -> Result<()> {
-        let n = self.conn().execute(
+        let n = self.conn().exec(
             "UPDATE nodes SET label_overrides = ?2 WHERE id = ?1",
             params![id, json(overrides)],
         )?;
@@ -555,24 +593,18 @@ impl Store {
 
     pub fn node_by_id(&self, id: &str) -> Result<Option<NodeRecord>> {
         let sql = format!("SELECT {} FROM nodes WHERE id = ?1", Self::NODE_COLS);
-        Ok(self
-            .conn()
-            .query_row(&sql, [id], Self::node_row)
-            .optional()?)
+        Ok(self.conn().row(&sql, [id], Self::node_row).optional()?)
     }
 
     pub fn node_by_name(&self, name: &str) -> Result<Option<NodeRecord>> {
         let sql = format!("SELECT {} FROM nodes WHERE name = ?1", Self::NODE_COLS);
-        Ok(self
-            .conn()
-            .query_row(&sql, [name], Self::node_row)
-            .optional()?)
+        Ok(self.conn().row(&sql, [name], Self::node_row).optional()?)
     }
 
     pub fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
         let sql = format!("SELECT {} FROM nodes ORDER BY name", Self::NODE_COLS);
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map([], Self::node_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
@@ -674,7 +706,7 @@ impl Store {
                 "SELECT {} FROM containers WHERE {col} = ?1",
                 Self::CONTAINER_COLS
             );
-            conn.query_row(&sql, [key], Self::container_row).optional()
+            conn.row(&sql, [key], Self::container_row).optional()
         };
         if let Some(c) = by("id")? {
             return Ok(c);
@@ -686,7 +718,7 @@ impl Store {
             Self::CONTAINER_COLS
         );
         let mut named = {
-            let mut stmt = conn.prepare(&sql)?;
+            let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt.query_map([key], Self::container_row)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
@@ -708,7 +740,7 @@ impl Store {
                 "SELECT {} FROM containers WHERE substr(docker_id, 1, ?2) = ?1 LIMIT 2",
                 Self::CONTAINER_COLS
             );
-            let mut stmt = conn.prepare(&sql)?;
+            let mut stmt = conn.prepare_cached(&sql)?;
             let found = stmt
                 .query_map(params![key, key.len() as i64], Self::container_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -740,7 +772,7 @@ impl Store {
             Self::CONTAINER_COLS
         );
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(
             params![owner, module, node_id, include_gone],
             Self::container_row,
@@ -756,7 +788,7 @@ impl Store {
     ) -> Result<()> {
         // removed_at records when the container was first found gone, and is cleared if it
         // turns up again (an engine that was briefly unreachable).
-        self.conn().execute(
+        self.conn().exec(
             "UPDATE containers SET state = ?2, status = ?3,
                  removed_at = CASE WHEN ?2 = 'gone' THEN coalesce(removed_at, ?4) END
              WHERE id = ?1",
@@ -768,7 +800,7 @@ impl Store {
     /// When the container was found gone (unix seconds), if it was.
     pub fn container_removed_at(&self, id: &str) -> Result<Option<i64>> {
         self.conn()
-            .query_row(
+            .row(
                 "SELECT removed_at FROM containers WHERE id = ?1",
                 [id],
                 |r| r.get(0),
@@ -779,7 +811,7 @@ impl Store {
 
     /// Records the Kisara network (id) the container is attached to.
     pub fn set_container_network_id(&self, id: &str, network_id: Option<&str>) -> Result<()> {
-        let n = self.conn().execute(
+        let n = self.conn().exec(
             "UPDATE containers SET network_id = ?2 WHERE id = ?1",
             params![id, network_id],
         )?;
@@ -792,7 +824,7 @@ impl Store {
     /// The Kisara network (id) the container is attached to, if recorded.
     pub fn container_network_id(&self, id: &str) -> Result<Option<String>> {
         self.conn()
-            .query_row(
+            .row(
                 "SELECT network_id FROM containers WHERE id = ?1",
                 [id],
                 |r| r.get(0),
@@ -807,7 +839,7 @@ impl Store {
         node_id: Option<&str>,
     ) -> Result<Vec<ContainerReservation>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT id, node_id, memory_mb, cpu_milli FROM containers
              WHERE state != 'gone' AND (?1 IS NULL OR node_id = ?1)",
         )?;
@@ -824,7 +856,7 @@ impl Store {
 
     pub fn delete_container(&self, id: &str) -> Result<()> {
         self.conn()
-            .execute("DELETE FROM containers WHERE id = ?1", [id])?;
+            .exec("DELETE FROM containers WHERE id = ?1", [id])?;
         Ok(())
     }
 
@@ -836,7 +868,7 @@ impl Store {
 
     /// [`Store::insert_network`] on a connection or inside a transaction.
     fn insert_network_on(conn: &Connection, n: &Network) -> Result<()> {
-        let r = conn.execute(
+        let r = conn.exec(
             "INSERT INTO networks(id, name, docker_id, node_id, subnet, gateway, internal,
                  internet, owned_by, from_pool, labels, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -896,7 +928,7 @@ impl Store {
             Self::NETWORK_COLS
         );
         self.conn()
-            .query_row(&sql, [key], Self::network_row)
+            .row(&sql, [key], Self::network_row)
             .optional()?
             .ok_or_else(|| StoreError::NotFound(format!("no such network: {key}")))
     }
@@ -907,23 +939,35 @@ impl Store {
             Self::NETWORK_COLS
         );
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![node_id], Self::network_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// Networks made for one container or instance (`owned_by`), which go with it.
+    /// A node's unclaimed networks (`made`: only those the engine has made), read through
+    /// the `networks_unclaimed` index. Callers order them: with an `ORDER BY` SQLite
+    /// re-prepared the statement on every run (an equality on a bound parameter beside an
+    /// ORDER BY marks the plan as depending on the value), which cost more than the query.
+    fn unclaimed_sql(made: bool) -> String {
+        format!(
+            "SELECT {} FROM networks INDEXED BY networks_unclaimed
+             WHERE node_id = ?1 AND owned_by IS NULL{}",
+            Self::NETWORK_COLS,
+            if made { " AND docker_id != ''" } else { "" }
+        )
+    }
+
+    /// Oldest first, ties by id.
+    fn oldest_first(nets: &mut [Network]) {
+        nets.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    }
+
     /// Spare networks of a node: carrying the `spare` label and not yet claimed.
     pub fn spare_networks(&self, node_id: &str, spare_label: &str) -> Result<Vec<Network>> {
         // Only unclaimed rows are read: the warm pool asks after every launch, and a node's
         // claimed networks (one per container) are most of its rows.
-        let sql = format!(
-            "SELECT {} FROM networks WHERE node_id = ?1 AND owned_by IS NULL
-             ORDER BY created_at, id",
-            Self::NETWORK_COLS
-        );
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut stmt = conn.prepare_cached(&Self::unclaimed_sql(false))?;
         let rows = stmt.query_map([node_id], Self::network_row)?;
         let mut out = Vec::new();
         for n in rows {
@@ -932,6 +976,7 @@ impl Store {
                 out.push(n);
             }
         }
+        Self::oldest_first(&mut out);
         Ok(out)
     }
 
@@ -960,27 +1005,22 @@ impl Store {
         owner: &str,
     ) -> Result<Option<Network>> {
         let candidate = {
-            let sql = format!(
-                "SELECT {} FROM networks WHERE node_id = ?1 AND owned_by IS NULL
-                   AND docker_id != '' ORDER BY created_at, id",
-                Self::NETWORK_COLS
-            );
-            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut stmt = conn.prepare_cached(&Self::unclaimed_sql(true))?;
             let rows = stmt.query_map([node_id], Self::network_row)?;
-            let mut found = None;
+            let mut spares = Vec::new();
             for n in rows {
                 let n = n?;
                 if n.labels.contains_key(spare_label) {
-                    found = Some(n);
-                    break;
+                    spares.push(n);
                 }
             }
-            found
+            Self::oldest_first(&mut spares);
+            spares.into_iter().next()
         };
         let Some(mut net) = candidate else {
             return Ok(None);
         };
-        conn.execute(
+        conn.exec(
             "UPDATE networks SET owned_by = ?2 WHERE id = ?1",
             params![net.id, owner],
         )?;
@@ -994,14 +1034,14 @@ impl Store {
             Self::NETWORK_COLS
         );
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map([owner], Self::network_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     pub fn delete_network(&self, id: &str) -> Result<()> {
         self.conn()
-            .execute("DELETE FROM networks WHERE id = ?1", [id])?;
+            .exec("DELETE FROM networks WHERE id = ?1", [id])?;
         Ok(())
     }
 
@@ -1016,7 +1056,7 @@ impl Store {
 
     fn allocations(conn: &Connection) -> Result<Vec<SubnetAllocation>> {
         let mut stmt =
-            conn.prepare("SELECT subnet, holder, created_at FROM subnets ORDER BY subnet")?;
+            conn.prepare_cached("SELECT subnet, holder, created_at FROM subnets ORDER BY subnet")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -1155,7 +1195,7 @@ impl Store {
                  engine"
             )));
         };
-        tx.execute(
+        tx.exec(
             "INSERT INTO subnets(subnet, holder, created_at) VALUES (?1, ?2, ?3)",
             params![net.to_string(), holder, unix_now()],
         )?;
@@ -1190,7 +1230,7 @@ impl Store {
                 t.subnet
             )));
         }
-        tx.execute(
+        tx.exec(
             "INSERT INTO subnets(subnet, holder, created_at) VALUES (?1, ?2, ?3)",
             params![net.to_string(), holder, unix_now()],
         )?;
@@ -1203,7 +1243,7 @@ impl Store {
     pub fn release_subnet(&self, net: &Ipv4Net) -> Result<()> {
         let conn = self.conn();
         let before = subnet_generation(&conn)?;
-        let n = conn.execute(
+        let n = conn.exec(
             "DELETE FROM subnets WHERE subnet = ?1",
             [net.trunc().to_string()],
         )?;
@@ -1242,7 +1282,7 @@ impl Store {
     pub fn mark_subnet_external(&self, net: &Ipv4Net) -> Result<bool> {
         let conn = self.conn();
         let before = subnet_generation(&conn)?;
-        let n = conn.execute(
+        let n = conn.exec(
             "INSERT INTO subnets(subnet, holder, created_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(subnet) DO NOTHING",
             params![net.trunc().to_string(), EXTERNAL_HOLDER, unix_now()],
@@ -1260,7 +1300,7 @@ impl Store {
     pub fn clear_external_subnets(&self) -> Result<usize> {
         Ok(self
             .conn()
-            .execute("DELETE FROM subnets WHERE holder = ?1", [EXTERNAL_HOLDER])?)
+            .exec("DELETE FROM subnets WHERE holder = ?1", [EXTERNAL_HOLDER])?)
     }
 
     /// Every row of the allocation table, with holders, ordered by subnet text.
@@ -1489,6 +1529,44 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Spares come oldest first and are claimed in that order, each once; the statements the
+    /// warm pool runs after every launch are prepared once, never re-prepared per run.
+    #[test]
+    fn spares_are_claimed_oldest_first_with_statements_prepared_once() {
+        let st = Store::open_in_memory().unwrap();
+        for (id, at) in [("s3", 5), ("s1", 9), ("s2", 5)] {
+            let mut net = network(id, &format!("net-{id}"), "n1", None);
+            net.labels = BTreeMap::from([("spare".to_string(), "true".to_string())]);
+            net.created_at = at;
+            st.insert_network(&net).unwrap();
+        }
+        st.insert_network(&network("plain", "net-plain", "n1", None))
+            .unwrap();
+        st.insert_network(&network("other", "net-other", "n2", None))
+            .unwrap();
+        let ids = |v: Vec<Network>| v.into_iter().map(|n| n.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(st.spare_networks("n1", "spare").unwrap()),
+            ["s2", "s3", "s1"]
+        );
+        let mut claimed = Vec::new();
+        while let Some(net) = st.claim_spare_network("n1", "spare", "c").unwrap() {
+            claimed.push(net.id);
+        }
+        assert_eq!(claimed, ["s2", "s3", "s1"]);
+        assert!(st.spare_networks("n1", "spare").unwrap().is_empty());
+        let conn = st.conn();
+        for made in [false, true] {
+            let stmt = conn.prepare_cached(&Store::unclaimed_sql(made)).unwrap();
+            assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 2);
+            assert_eq!(
+                stmt.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "the unclaimed-networks statement (made: {made}) was re-prepared"
+            );
+        }
+    }
+
     #[test]
     fn containers_round_trip_with_ports() {
         let st = Store::open_in_memory().unwrap();
@@ -1647,7 +1725,7 @@ mod tests {
         // Only the hash is stored.
         let stored: String = st
             .conn()
-            .query_row("SELECT credential_hash FROM nodes", [], |r| r.get(0))
+            .row("SELECT credential_hash FROM nodes", [], |r| r.get(0))
             .unwrap();
         assert_eq!(stored.len(), 64);
         assert!(!stored.contains("rotated"));
@@ -1697,7 +1775,7 @@ mod tests {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(MIGRATION_1).unwrap();
             conn.pragma_update(None, "user_version", 1).unwrap();
-            conn.execute(
+            conn.exec(
                 "INSERT INTO subnets(subnet, holder) VALUES ('10.9.0.0/24', 'old')",
                 [],
             )

@@ -6,7 +6,7 @@
 use rusqlite::{params, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
-use crate::{Result, Store, StoreError};
+use crate::{Cached, Result, Store, StoreError};
 
 pub(crate) const MIGRATION_SERVICES: &str = r#"
 CREATE TABLE IF NOT EXISTS services (
@@ -90,7 +90,7 @@ impl Store {
 
     fn insert_service_on(conn: &rusqlite::Connection, s: &ServiceRecord) -> Result<()> {
         let members = serde_json::to_string(&s.members).unwrap_or_else(|_| "{}".into());
-        conn.execute(
+        conn.exec(
             "INSERT INTO services(id, name, node_id, owner, module, state, members, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
@@ -129,7 +129,7 @@ impl Store {
     /// Records the members made so far and the state.
     pub fn update_service(&self, s: &ServiceRecord) -> Result<()> {
         let members = serde_json::to_string(&s.members).unwrap_or_else(|_| "{}".into());
-        let n = self.conn().execute(
+        let n = self.conn().exec(
             "UPDATE services SET state = ?2, members = ?3 WHERE id = ?1",
             params![s.id, s.state, members],
         )?;
@@ -143,7 +143,7 @@ impl Store {
     pub fn get_service(&self, key: &str) -> Result<ServiceRecord> {
         let conn = self.conn();
         let by_id = conn
-            .query_row(
+            .row(
                 &format!("SELECT {COLS} FROM services WHERE id = ?1"),
                 [key],
                 row,
@@ -152,7 +152,7 @@ impl Store {
         if let Some(s) = by_id {
             return Ok(s);
         }
-        let mut stmt = conn.prepare(&format!(
+        let mut stmt = conn.prepare_cached(&format!(
             "SELECT {COLS} FROM services WHERE name = ?1 LIMIT 2"
         ))?;
         let found: Vec<ServiceRecord> = stmt
@@ -190,8 +190,8 @@ impl Store {
     pub fn delete_service(&self, id: &str) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute("DELETE FROM services WHERE id = ?1", [id])?;
-        tx.execute(
+        tx.exec("DELETE FROM services WHERE id = ?1", [id])?;
+        tx.exec(
             "DELETE FROM instances WHERE id = ?1 AND kind = ?2",
             params![id, crate::KIND_SERVICE],
         )?;

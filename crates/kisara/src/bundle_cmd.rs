@@ -531,19 +531,29 @@ pub fn service_request(
         owner: Some(owner_of(&b.name)),
         module: Some(app.name.clone()),
         name: Some(app.name.clone()),
-        env: b.config.env.clone(),
         ..Default::default()
     };
     let spec = kisara_bundle::apps::parse_app(&app.name, &app.path, text, &b.config.env)?;
     match spec.kind {
-        AppKind::Compose => req.compose = Some(text.to_string()),
+        AppKind::Compose => {
+            req.compose = Some(text.to_string());
+            req.env = b.config.env.clone();
+        }
+        // The request's `env` interpolates compose files only (the server refuses it with a
+        // config): here the values go into each container's own environment instead.
         AppKind::KisaraService => {
             let mut doc = kisara_bundle::apps::document(&app.name, &app.path, text)?;
             if let Some(o) = doc.as_object_mut() {
                 o.remove("name");
             }
+            // The bundle's form has no counts: a spec without one counts its containers,
+            // as a converted one does.
+            let counted = doc.get("container_count").is_some();
             let config = match serde_json::from_value::<ServiceConfig>(doc) {
                 Ok(mut c) => {
+                    if !counted {
+                        c.container_count = c.containers.len();
+                    }
                     for ct in &mut c.containers {
                         let mut env = b.config.env.clone();
                         env.append(&mut ct.env);

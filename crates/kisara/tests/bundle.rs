@@ -8,7 +8,7 @@ mod common;
 mod testbed;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -90,6 +90,26 @@ fn write_context(dir: &Path, image: &str) {
     .unwrap();
 }
 
+/// A build context with two apps, `web` (a compose file) and `tools` (a Kisara service spec),
+/// an `ENV` line, and `tail` (more Kisarafile lines) at the end.
+fn write_two_apps(ctx: &Path, env: &str, tail: &str, compose: &str, spec: &str) {
+    std::fs::create_dir_all(ctx).unwrap();
+    std::fs::write(
+        ctx.join("Kisarafile"),
+        format!(
+            "FROM scratch\n\
+             ENV {env}\n\
+             COPY compose.yaml apps/\n\
+             COPY spec.json apps/\n\
+             APP web apps/compose.yaml\n\
+             APP tools apps/spec.json\n{tail}"
+        ),
+    )
+    .unwrap();
+    std::fs::write(ctx.join("compose.yaml"), compose).unwrap();
+    std::fs::write(ctx.join("spec.json"), spec).unwrap();
+}
+
 /// An image of the test's own, made on the main engine: busybox plus a page naming the run, so
 /// what answers can only have come from the bundle.
 fn build_site_image(run: &str, dir: &Path) -> String {
@@ -118,32 +138,17 @@ fn build_save_load_images_up_down_on_a_second_engine() {
     let image = build_site_image(&run, &tmp.path().join("image"));
     let _cleanup = Images(vec![image.clone()]);
     let ctx = tmp.path().join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(
-        ctx.join("Kisarafile"),
-        "FROM scratch\n\
-         ENV HTTP_PORT=8081\n\
-         COPY compose.yaml apps/\n\
-         COPY spec.json apps/\n\
-         APP web apps/compose.yaml\n\
-         APP tools apps/spec.json\n\
-         LAUNCH web\n\
+    write_two_apps(
+        &ctx,
+        "HTTP_PORT=8081",
+        "LAUNCH web\n\
          CMD [\"sh\", \"-c\", \"echo CMD ran for $KISARA_BUNDLE as $KISARA_OWNER with port $HTTP_PORT in $(ls apps | tr '\\\\n' ' ')\"]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        ctx.join("compose.yaml"),
-        format!(
+        &format!(
             "services:\n  web:\n    image: {image}\n    command: httpd -f -p ${{HTTP_PORT}} -h /www\n    ports: [\"${{HTTP_PORT}}\"]\n    healthcheck:\n      test: [\"CMD\", \"wget\", \"-q\", \"-O\", \"/dev/null\", \"http://127.0.0.1:${{HTTP_PORT}}/\"]\n      interval: 1s\n      retries: 30\n"
         ),
-    )
-    .unwrap();
-    // An app LAUNCH leaves out: carried, never started.
-    std::fs::write(
-        ctx.join("spec.json"),
-        format!(r#"{{"name": "tools", "containers": [{{"image": "{image}", "cmd": ["sleep", "600"]}}]}}"#),
-    )
-    .unwrap();
+        // An app LAUNCH leaves out: carried, never started.
+        &format!(r#"{{"name": "tools", "containers": [{{"image": "{image}", "cmd": ["sleep", "600"]}}]}}"#),
+    );
     let name = format!("app-{run}:1.0");
     let builder = tmp.path().join("builder");
     ok(
@@ -386,56 +391,6 @@ fn truncated_and_tampered_bundles_are_refused() {
     );
 }
 
-struct Registry {
-    child: Child,
-    _dir: tempfile::TempDir,
-    addr: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Debian's docker-registry on a free loopback port (scripts/test.sh installs it).
-fn start_registry() -> Registry {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.path().join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry must be installed (scripts/test.sh installs it)");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "registry did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Registry {
-        child,
-        _dir: dir,
-        addr,
-    }
-}
-
 #[test]
 fn push_and_pull_through_a_loopback_registry() {
     let reg = start_registry();
@@ -519,4 +474,76 @@ fn every_example_bundle_builds() {
         "expected the example bundles under {}",
         dir.display()
     );
+}
+
+/// `bundle up` on a cluster in the test process: the bundle's `ENV` are a compose app's
+/// `${VAR}` interpolation variables (as a compose `.env` file, not the containers' own
+/// environment), and go into each container's environment of a Kisara service spec, under the
+/// spec's own values. (A spec app used to be refused: the request carried compose-only `env`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_env_reaches_compose_and_spec_apps() {
+    let cl = TestCluster::start().await;
+    let run = run_id();
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    write_two_apps(
+        &ctx,
+        "APP_MODE=bundle SITE=demo",
+        "",
+        &format!(
+            "services:\n  web:\n    image: {IMAGE}\n    command: sleep 600\n    environment:\n      MODE: ${{APP_MODE}}\n"
+        ),
+        &format!(
+            r#"{{"name": "tools", "containers": [{{"image": "{IMAGE}", "cmd": ["sleep", "600"], "env": {{"SITE": "own"}}}}]}}"#
+        ),
+    );
+    let name = format!("env-{run}:1");
+    let data = tmp.path().join("d");
+    let data = data.to_string_lossy();
+    let cl_ref = &cl;
+    let cli = |args: &[&str]| {
+        let mut a = vec!["--data-dir", &data];
+        a.extend_from_slice(args);
+        let a: Vec<String> = a.into_iter().map(String::from).collect();
+        async move {
+            cl_ref
+                .cli(&a.iter().map(String::as_str).collect::<Vec<_>>())
+                .await
+        }
+    };
+    ok(
+        cli(&["build", "-t", &name, ctx.to_str().unwrap()]).await,
+        "build",
+    );
+    let up = ok(
+        cli(&["--json", "bundle", "up", &name, "--no-cmd"]).await,
+        "bundle up",
+    );
+    let up: serde_json::Value = serde_json::from_str(&up).expect("bundle up --json");
+    let env_of = |app: &str| -> Vec<String> {
+        let entry = up
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["app"] == app)
+            .unwrap_or_else(|| panic!("app {app} not up: {up}"));
+        let docker_id = entry["service"]["containers"][0]["docker_id"]
+            .as_str()
+            .unwrap();
+        docker_inspect(docker_id)["Config"]["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let web = env_of("web");
+    assert!(web.contains(&"MODE=bundle".to_string()), "{web:?}");
+    assert!(!web.iter().any(|v| v.starts_with("APP_MODE=")), "{web:?}");
+    let tools = env_of("tools");
+    assert!(tools.contains(&"APP_MODE=bundle".to_string()), "{tools:?}");
+    assert!(tools.contains(&"SITE=own".to_string()), "{tools:?}");
+    ok(cli(&["bundle", "down", &name]).await, "bundle down");
+    cl.assert_clean().await;
+    cl.stop().await;
 }

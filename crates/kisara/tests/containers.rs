@@ -611,15 +611,7 @@ async fn interrupted_launches_are_settled_on_restart() {
         })
         .await;
     // The container the node has is adopted, with its ports, and still serves.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let adopted = loop {
-        let x = k.client.container(&c.id).await.unwrap();
-        if x.state == ContainerState::Running {
-            break x;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "not adopted: {x:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let adopted = k.wait_running(&c.id).await;
     assert_eq!(adopted.docker_id, c.docker_id);
     assert_eq!(adopted.ports, c.ports);
     assert_eq!(adopted.node_id, node_id);
@@ -747,5 +739,76 @@ async fn a_silent_agent_is_disconnected_after_three_heartbeats() {
     );
     let mute = k.client.node("mute").await.unwrap();
     assert_ne!(mute.state, kisara_api::NodeState::Ready);
+    k.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_cluster_leaves_nothing_on_the_engine_after_stop() {
+    // Stopped as soon as it is ready: the warm pool is still making its spares (several, so
+    // a create is under way in the engine when the agent is told to stop).
+    let k = TestCluster::start_with("[server]\nwarm_networks = 6\n").await;
+    let runtime = k.runtime.clone();
+    let filter = vec![(
+        kisara_api::labels::CLUSTER.to_string(),
+        k.cluster_id.clone(),
+    )];
+    k.stop().await;
+    // Nothing with the cluster's id is left, and nothing turns up later either (a create the
+    // engine was still working on would land after a cleanup that did not wait for it).
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let cs = runtime.list_containers(&filter).await.unwrap();
+        let ns = runtime.list_networks(&filter).await.unwrap();
+        assert!(cs.is_empty(), "containers left behind: {cs:?}");
+        assert!(ns.is_empty(), "networks left behind: {ns:?}");
+        if tokio::time::Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spares_the_store_forgot_are_removed_on_the_next_start() {
+    // The store loses its spares while the server is down (what a server stopped between
+    // the engine's create and its own write would leave): the next start removes the
+    // engine's unknown spares and tops the pool up with known ones.
+    let k = TestCluster::start_with("[server]\nwarm_networks = 3\n").await;
+    spares(&k, 3).await;
+    let forgotten = std::sync::Mutex::new(Vec::new());
+    let k = k
+        .restart_editing(|store| {
+            for n in store.list_networks(None).unwrap() {
+                if n.labels.contains_key(kisara_api::labels::SPARE) {
+                    store.delete_network(&n.id).unwrap();
+                    store.release_subnet(&n.subnet.parse().unwrap()).unwrap();
+                    forgotten.lock().unwrap().push(n.id);
+                }
+            }
+        })
+        .await;
+    let forgotten = forgotten.into_inner().unwrap();
+    // (A spare whose create was under way at the stop is forgotten by the stopping server
+    // itself; the engine still has it.)
+    assert!(
+        !forgotten.is_empty(),
+        "no spare in the store at the restart"
+    );
+    let known = spares(&k, 3).await;
+    assert!(known.iter().all(|n| !forgotten.contains(&n.id)));
+    // Polled: the removal runs when the node's inventory is settled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (cs, ns) = k.leftovers().await;
+        assert!(cs.is_empty(), "{cs:?}");
+        if ns.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unknown networks kept: {ns:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     k.stop().await;
 }

@@ -142,6 +142,34 @@ async fn tcp_open(port: u16) -> bool {
     )
 }
 
+/// Launches [`echo_request`] in this mode.
+async fn launch_echo(cl: &TestCluster, expose: ExposeMode) -> Container {
+    cl.client
+        .launch(&echo_request(expose))
+        .await
+        .expect("launch the echo container")
+}
+
+/// Gateway mode publishes nothing on the node: the engine binds no host port.
+fn assert_publishes_nothing(docker_id: &str) {
+    let inspect = common::docker_inspect(docker_id);
+    let bindings = &inspect["HostConfig"]["PortBindings"];
+    assert!(
+        bindings.is_null() || bindings.as_object().is_some_and(|m| m.is_empty()),
+        "{bindings}"
+    );
+}
+
+/// The bytes the gateway counted for a container (its inspect).
+async fn traffic_of(cl: &TestCluster, id: &str) -> kisara_api::Traffic {
+    cl.client
+        .container(id)
+        .await
+        .expect("inspect")
+        .traffic
+        .expect("traffic counted in gateway mode")
+}
+
 async fn poll_until<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
@@ -158,11 +186,7 @@ where
 async fn gateway_tcp_and_udp_through_the_agents_tunnel() {
     let gw = port_block(0);
     let cl = TestCluster::start_with(&config(gw, port_block(1))).await;
-    let c = cl
-        .client
-        .launch(&echo_request(ExposeMode::Gateway))
-        .await
-        .expect("launch");
+    let c = launch_echo(&cl, ExposeMode::Gateway).await;
     let (tcp, udp) = (port_of(&c, Protocol::Tcp), port_of(&c, Protocol::Udp));
     assert!(
         (gw.0..=gw.1).contains(&tcp) && (gw.0..=gw.1).contains(&udp),
@@ -172,12 +196,7 @@ async fn gateway_tcp_and_udp_through_the_agents_tunnel() {
     assert!(c.ports.iter().all(|p| p.public_host == "127.0.0.1"));
     assert_eq!(c.host_port, format!("127.0.0.1:{tcp},127.0.0.1:{udp}"));
     // Gateway mode publishes nothing on the node.
-    let inspect = common::docker_inspect(&c.docker_id);
-    let bindings = &inspect["HostConfig"]["PortBindings"];
-    assert!(
-        bindings.is_null() || bindings.as_object().is_some_and(|m| m.is_empty()),
-        "{bindings}"
-    );
+    assert_publishes_nothing(&c.docker_id);
 
     assert_eq!(
         tcp_echo(tcp, b"hello over the tunnel\n").await,
@@ -194,8 +213,7 @@ async fn gateway_tcp_and_udp_through_the_agents_tunnel() {
     }
 
     // Traffic shows in inspect and in /metrics.
-    let seen = cl.client.container(&c.id).await.expect("inspect");
-    let t = seen.traffic.expect("traffic counted in gateway mode");
+    let t = traffic_of(&cl, &c.id).await;
     assert!(t.bytes_in >= 1200 + 22 && t.bytes_out >= 1200 + 22, "{t:?}");
     let metrics = reqwest::Client::new()
         .get(format!("{}/metrics", cl.url))
@@ -217,11 +235,7 @@ async fn gateway_tcp_and_udp_through_the_agents_tunnel() {
     // Stopped: the ports close, the leases go back, and the next launch gets them.
     cl.client.stop(&c.id).await.expect("stop");
     assert!(!tcp_open(tcp).await, "the gateway still listens on {tcp}");
-    let again = cl
-        .client
-        .launch(&echo_request(ExposeMode::Gateway))
-        .await
-        .expect("relaunch");
+    let again = launch_echo(&cl, ExposeMode::Gateway).await;
     assert_eq!(port_of(&again, Protocol::Tcp), tcp, "released port reused");
     assert_eq!(tcp_echo(tcp, b"again\n").await, b"again\n");
     cl.client.stop(&again.id).await.expect("stop");
@@ -233,11 +247,7 @@ async fn gateway_tcp_and_udp_through_the_agents_tunnel() {
 async fn gateway_connects_directly_when_the_agent_shares_the_process() {
     let cl = TestCluster::start_with(&config(port_block(2), port_block(3))).await;
     cl.server.state().gateway.add_direct_node("local");
-    let c = cl
-        .client
-        .launch(&echo_request(ExposeMode::Gateway))
-        .await
-        .expect("launch");
+    let c = launch_echo(&cl, ExposeMode::Gateway).await;
     assert_eq!(
         tcp_echo(port_of(&c, Protocol::Tcp), b"direct\n").await,
         b"direct\n"
@@ -254,11 +264,7 @@ async fn gateway_connects_directly_when_the_agent_shares_the_process() {
 async fn host_mode_leases_ports_from_the_range_and_exhaustion_is_409() {
     let host = port_block(4);
     let cl = TestCluster::start_with(&config(port_block(5), host)).await;
-    let c = cl
-        .client
-        .launch(&echo_request(ExposeMode::Host))
-        .await
-        .expect("launch");
+    let c = launch_echo(&cl, ExposeMode::Host).await;
     let (tcp, udp) = (port_of(&c, Protocol::Tcp), port_of(&c, Protocol::Udp));
     assert!((host.0..=host.1).contains(&tcp), "{:?}", c.ports);
     // The engine published exactly the leased ports.
@@ -296,11 +302,7 @@ async fn host_mode_leases_ports_from_the_range_and_exhaustion_is_409() {
 #[tokio::test]
 async fn an_agent_restart_ends_visitors_cleanly_and_new_ones_work() {
     let mut cl = TestCluster::start_with(&config(port_block(8), port_block(9))).await;
-    let c = cl
-        .client
-        .launch(&echo_request(ExposeMode::Gateway))
-        .await
-        .expect("launch");
+    let c = launch_echo(&cl, ExposeMode::Gateway).await;
     let tcp = port_of(&c, Protocol::Tcp);
     assert_eq!(tcp_echo(tcp, b"before\n").await, b"before\n");
     let mut visitor = TcpStream::connect(("127.0.0.1", tcp)).await.unwrap();
@@ -336,11 +338,7 @@ async fn an_agent_restart_ends_visitors_cleanly_and_new_ones_work() {
 #[tokio::test]
 async fn a_restarted_gateway_listens_on_the_same_ports() {
     let cl = TestCluster::start_with(&config(port_block(10), port_block(11))).await;
-    let c = cl
-        .client
-        .launch(&echo_request(ExposeMode::Gateway))
-        .await
-        .expect("launch");
+    let c = launch_echo(&cl, ExposeMode::Gateway).await;
     let (tcp, udp) = (port_of(&c, Protocol::Tcp), port_of(&c, Protocol::Udp));
     assert_eq!(tcp_echo(tcp, b"one\n").await, b"one\n");
     let cl = cl.restart().await;
@@ -356,11 +354,7 @@ async fn a_restarted_gateway_listens_on_the_same_ports() {
 #[tokio::test]
 async fn an_interrupted_gateway_launch_is_adopted_with_its_gateway_ports() {
     let cl = TestCluster::start_with(&config(port_block(26), port_block(27))).await;
-    let c = cl
-        .client
-        .launch(&echo_request(ExposeMode::Gateway))
-        .await
-        .expect("launch");
+    let c = launch_echo(&cl, ExposeMode::Gateway).await;
     let tcp = port_of(&c, Protocol::Tcp);
     // Stage a server killed after the node made the container, before its row was completed.
     let cl = cl
@@ -373,15 +367,7 @@ async fn an_interrupted_gateway_launch_is_adopted_with_its_gateway_ports() {
             store.complete_container(&half).unwrap();
         })
         .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let adopted = loop {
-        let x = cl.client.container(&c.id).await.unwrap();
-        if x.state == kisara_api::ContainerState::Running {
-            break x;
-        }
-        assert!(Instant::now() < deadline, "not adopted: {x:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let adopted = cl.wait_running(&c.id).await;
     // The gateway's ports, not the (empty) set the engine published.
     assert_eq!(adopted.ports, c.ports);
     assert_eq!(adopted.host_port, c.host_port);
@@ -431,16 +417,6 @@ async fn bad_exposure_requests_are_refused_before_anything_is_made() {
     cl.stop().await;
 }
 
-/// A child process killed when the test ends, however it ends.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_standalone_gateway_serves_the_ports_through_the_server() {
     let gw = port_block(13);
@@ -448,7 +424,7 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
     let toml = config(gw, port_block(14))
         .replace("udp_idle_secs = 5", "udp_idle_secs = 5\nlisten = false");
     let cl = TestCluster::start_with(&toml).await;
-    let gateway = Child(
+    let gateway = common::Proc(
         std::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
             .args([
                 "gateway",
@@ -468,11 +444,7 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
             .spawn()
             .expect("kisara gateway starts"),
     );
-    let c = cl
-        .client
-        .launch(&echo_request(ExposeMode::Gateway))
-        .await
-        .expect("launch");
+    let c = launch_echo(&cl, ExposeMode::Gateway).await;
     let (tcp, udp) = (port_of(&c, Protocol::Tcp), port_of(&c, Protocol::Udp));
     assert!((gw.0..=gw.1).contains(&tcp), "{:?}", c.ports);
     assert!(
@@ -487,13 +459,7 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
     let big: Vec<u8> = (0..1200u32).map(|i| (i * 7) as u8).collect();
     assert_eq!(udp_echo(udp, &big).await, big);
     // The server counted what the gateway relayed.
-    let t = cl
-        .client
-        .container(&c.id)
-        .await
-        .expect("inspect")
-        .traffic
-        .expect("traffic counted");
+    let t = traffic_of(&cl, &c.id).await;
     assert!(t.bytes_in >= 31 + 1200 && t.bytes_out >= 31 + 1200, "{t:?}");
     // Exactly the datagrams' payload is counted, each way (not the relay's frame headers).
     let (n, size) = (10u64, 1000usize);
@@ -501,13 +467,7 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
     let want = (t.bytes_in + n * size as u64, t.bytes_out + n * size as u64);
     let deadline = Instant::now() + Duration::from_secs(10);
     let seen = loop {
-        let now = cl
-            .client
-            .container(&c.id)
-            .await
-            .expect("inspect")
-            .traffic
-            .expect("traffic counted");
+        let now = traffic_of(&cl, &c.id).await;
         if (now.bytes_in, now.bytes_out) >= want || Instant::now() > deadline {
             break now;
         }
@@ -533,18 +493,11 @@ async fn a_standalone_gateway_serves_the_ports_through_the_server() {
 #[tokio::test]
 async fn a_standalone_gateway_refuses_a_bad_token_at_once() {
     let cl = TestCluster::start_with(&config(port_block(15), port_block(16))).await;
-    let out = tokio::task::spawn_blocking({
-        let url = cl.url.clone();
-        move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
-                .args(["gateway", "--url", &url, "--listen-host", "127.0.0.1"])
-                .env("KISARA_TOKEN", "not-the-token")
-                .output()
-                .expect("runs")
-        }
-    })
-    .await
-    .unwrap();
+    let out = common::kisara_cli(
+        &["gateway", "--url", &cl.url, "--listen-host", "127.0.0.1"],
+        &[("KISARA_TOKEN", "not-the-token")],
+    )
+    .await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("gateway ports"), "{err}");
@@ -718,12 +671,7 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
         )
     );
     // Nothing is published on the node; the leases carry the service and its container.
-    let inspect = common::docker_inspect(&s.containers[0].docker_id);
-    let bindings = &inspect["HostConfig"]["PortBindings"];
-    assert!(
-        bindings.is_null() || bindings.as_object().is_some_and(|m| m.is_empty()),
-        "{bindings}"
-    );
+    assert_publishes_nothing(&s.containers[0].docker_id);
     let leases = cl.server.state().store.list_leases().unwrap();
     assert_eq!(leases.len(), 2, "{leases:?}");
     assert!(
@@ -740,13 +688,7 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
     );
     assert_eq!(udp_echo(udp.public_port, b"svc dgram").await, b"svc dgram");
     // The gateway counted the service container's traffic (its inspect shows it).
-    let t = cl
-        .client
-        .container(&s.containers[0].id)
-        .await
-        .expect("inspect the service's container")
-        .traffic
-        .expect("traffic counted in gateway mode");
+    let t = traffic_of(&cl, &s.containers[0].id).await;
     assert!(t.bytes_in >= 20 + 9 && t.bytes_out >= 20 + 9, "{t:?}");
     // A reconnecting agent serves the service's port again; a restarted gateway reopens it.
     let mut cl = cl;
@@ -822,21 +764,19 @@ async fn a_services_ports_go_through_the_gateway_in_its_mode() {
     // host`): a host port of the node's range.
     let file = cl.data_dir.join("viagw.yaml");
     std::fs::write(&file, req.compose.as_deref().unwrap()).unwrap();
-    let out = tokio::task::spawn_blocking({
-        let (url, token, file) = (cl.url.clone(), cl.token.clone(), file.clone());
-        move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
-                .args(["--url", &url, "--json", "service", "up", "-f"])
-                .arg(&file)
-                .args(["--expose", "host", "--owner", "team1"])
-                .env("KISARA_TOKEN", &token)
-                .env("KISARA_LOG", "warn")
-                .output()
-                .expect("kisara service up runs")
-        }
-    })
-    .await
-    .unwrap();
+    let out = cl
+        .cli(&[
+            "--json",
+            "service",
+            "up",
+            "-f",
+            &file.to_string_lossy(),
+            "--expose",
+            "host",
+            "--owner",
+            "team1",
+        ])
+        .await;
     assert!(
         out.status.success(),
         "kisara service up --expose host: {}",

@@ -124,6 +124,34 @@ impl TestCluster {
         }
     }
 
+    /// Polls (bounded) until the container's row says running (after a restart's
+    /// reconciliation adopted it); the container.
+    pub async fn wait_running(&self, id: &str) -> kisara_api::Container {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let x = self.client.container(id).await.unwrap();
+            if x.state == kisara_api::ContainerState::Running {
+                return x;
+            }
+            assert!(Instant::now() < deadline, "not running: {x:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs the `kisara` binary against this cluster (`KISARA_URL`, the admin token in
+    /// `KISARA_TOKEN`, warnings only), off the async workers.
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        kisara_cli(
+            args,
+            &[
+                ("KISARA_URL", &self.url),
+                ("KISARA_TOKEN", &self.token),
+                ("KISARA_LOG", "warn"),
+            ],
+        )
+        .await
+    }
+
     /// Stops server and agent (containers keep running) and starts them again on the same
     /// data directory.
     pub async fn restart(self) -> TestCluster {
@@ -234,7 +262,9 @@ impl TestCluster {
     }
 
     pub async fn stop(mut self) {
-        // Stop first, so the warm pool cannot refill behind the cleanup.
+        // Stop first, so the warm pool cannot refill behind the cleanup; the agent returns
+        // only once the engine operations it had under way finished (bounded), so the
+        // cleanup below sees everything made for this cluster.
         self.shutdown.cancel();
         let _ = (&mut self.server_task).await;
         let _ = (&mut self.agent_task).await;
@@ -397,5 +427,109 @@ pub fn httpd_request() -> kisara_api::LaunchRequest {
         owner: Some("team1".into()),
         module: Some("web1".into()),
         ..Default::default()
+    }
+}
+
+/// Runs the `kisara` binary with these variables (and no `KISARA_URL`/`KISARA_TOKEN` from the
+/// test's own environment), off the async workers.
+pub async fn kisara_cli(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let envs: Vec<(String, String)> = envs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kisara"))
+            .args(&args)
+            .env_remove("KISARA_URL")
+            .env_remove("KISARA_TOKEN")
+            .envs(envs)
+            .output()
+            .expect("the kisara binary runs")
+    })
+    .await
+    .expect("kisara CLI task")
+}
+
+/// A free TCP port on loopback (free when asked).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed if the test ends before stopping it, however it ends.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("process did not exit within {within:?}");
+    }
+}
+
+/// Debian's docker-registry on a free loopback port, stopped when dropped.
+pub struct Registry {
+    _child: Proc,
+    _dir: tempfile::TempDir,
+    pub addr: String,
+}
+
+/// Starts Debian's docker-registry on a free loopback port (scripts/test.sh installs it).
+pub fn start_registry() -> Registry {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let child = Proc(
+        std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry must be installed (scripts/test.sh installs it)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Registry {
+        _child: child,
+        _dir: dir,
+        addr,
     }
 }
