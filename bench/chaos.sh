@@ -160,10 +160,16 @@ wait_ready "$N" 60
 ACKED=$(find "$WORK/burst" -name '*.json' -size +0 -exec jq -r .id {} + 2>/dev/null | sort -u || true)
 N_ACKED=$(grep -c . <<<"$ACKED" || true)
 settle() {
-    LISTED=$(kc --json ps | jq -r '.items[].id' | sort -u)
-    LAUNCHING=$(kc --json ps | jq -r '.items[] | select(.state == "launching") | .id' | sort -u)
+    # One listing with --all: rows the server holds in any state (a `gone` row is known to it,
+    # so its container is no orphan); without --all such rows were missing from the list and
+    # their containers counted as orphaned. Lost counts only rows not `gone`.
+    local all
+    all=$(kc --json ps --all)
+    KNOWN=$(jq -r '.items[].id' <<<"$all" | sort -u)
+    LISTED=$(jq -r '.items[] | select(.state != "gone") | .id' <<<"$all" | sort -u)
+    LAUNCHING=$(jq -r '.items[] | select(.state == "launching") | .id' <<<"$all" | sort -u)
     ON_ENGINES=$(engine_ids | sort)
-    ORPHANED=$(comm -23 <(uniq <<<"$ON_ENGINES") <(echo "$LISTED") | grep -c . || true)
+    ORPHANED=$(comm -23 <(uniq <<<"$ON_ENGINES") <(echo "$KNOWN") | grep -c . || true)
     LOST=$(comm -23 <(sort -u <(echo "$LISTED") <(echo "$ACKED") | grep .) <(uniq <<<"$ON_ENGINES") | grep -c . || true)
     DUPS=$(uniq -d <<<"$ON_ENGINES" | grep -c . || true)
     N_LAUNCHING=$(grep -c . <<<"$LAUNCHING" || true)
@@ -182,14 +188,14 @@ echo "burst: answered $N_ACKED, failed $FAILED; on engines $N_ENGINES, listed $N
 echo "burst: orphaned $ORPHANED, lost $LOST, on two engines $DUPS, still launching $N_LAUNCHING (target 0 0 0 0)"
 # Evidence for any orphan: its engine, state and creation time (the engines go at the end).
 if [[ $ORPHANED -gt 0 ]]; then
-    for kid in $(comm -23 <(uniq <<<"$ON_ENGINES") <(echo "$LISTED")); do
+    for kid in $(comm -23 <(uniq <<<"$ON_ENGINES") <(echo "$KNOWN")); do
         for ((i = FIRST; i <= LAST; i++)); do
             docker -H "unix:///run/kisara-testbed/engine-$i.sock" ps -a --no-trunc \
                 --filter "label=io.kisara.container=$kid" \
                 --format "burst: orphan $kid on engine $i: {{.State}} {{.Status}} created {{.CreatedAt}}"
         done
     done
-    grep -h "$(comm -23 <(uniq <<<"$ON_ENGINES") <(echo "$LISTED") | head -1)" "$WORK"/server.log "$WORK"/agent-*.log \
+    grep -h "$(comm -23 <(uniq <<<"$ON_ENGINES") <(echo "$KNOWN") | head -1)" "$WORK"/server.log "$WORK"/agent-*.log \
         2>/dev/null | tail -5 >&2 || true
 fi
 

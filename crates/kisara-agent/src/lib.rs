@@ -16,7 +16,7 @@ use futures::{SinkExt, StreamExt};
 use kisara_api::agent::{
     AgentMessage, Hello, Operation, Reply, Secret, ServerMessage, PROTOCOL_VERSION,
 };
-use kisara_api::{codes, ErrorBody};
+use kisara_api::{codes, ErrorBody, NodeStatus};
 use kisara_runtime::{LabelFilter, Runtime, RuntimeError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -364,18 +364,27 @@ impl Agent {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut beat: u64 = 0;
+                let mut last = None;
+                let limit = status_limit(interval);
                 loop {
                     tick.tick().await;
-                    let status = rt.status(&filter).await.unwrap_or_default();
+                    let status = timed_status(rt.as_ref(), &filter, limit, &mut last).await;
                     let report = images_changed.swap(false, std::sync::atomic::Ordering::Relaxed)
                         || beat.is_multiple_of(IMAGE_REPORT_EVERY);
                     beat += 1;
                     let images = if report {
-                        rt.list_images().await.ok().map(|imgs| {
-                            imgs.into_iter()
-                                .flat_map(|i| std::iter::once(i.id).chain(i.tags))
-                                .collect()
-                        })
+                        match tokio::time::timeout(limit, rt.list_images()).await {
+                            Ok(r) => r.ok().map(|imgs| {
+                                imgs.into_iter()
+                                    .flat_map(|i| std::iter::once(i.id).chain(i.tags))
+                                    .collect()
+                            }),
+                            // A busy engine: ask again on the next beat.
+                            Err(_) => {
+                                images_changed.store(true, std::sync::atomic::Ordering::Relaxed);
+                                None
+                            }
+                        }
                     } else {
                         None
                     };
@@ -522,6 +531,36 @@ impl Agent {
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
         Ok(end)
+    }
+}
+
+/// How long a heartbeat waits for the engine's status (and images): half the interval, so
+/// that a busy engine never delays the beat itself.
+fn status_limit(interval: Duration) -> Duration {
+    (interval / 2).max(Duration::from_millis(100))
+}
+
+/// The engine's status within `limit`; when it does not answer in time (or fails), the last
+/// status it gave, marked stale, so that the beat goes out on time and a slow engine does not
+/// make its node look unreachable.
+async fn timed_status(
+    rt: &dyn Runtime,
+    filter: &LabelFilter,
+    limit: Duration,
+    last: &mut Option<NodeStatus>,
+) -> NodeStatus {
+    let why = match tokio::time::timeout(limit, rt.status(filter)).await {
+        Ok(Ok(status)) => {
+            *last = Some(status.clone());
+            return status;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {limit:?}"),
+    };
+    tracing::debug!(reason = %why, "engine status unavailable; sending the last known one");
+    NodeStatus {
+        stale: true,
+        ..last.clone().unwrap_or_default()
     }
 }
 
@@ -675,4 +714,48 @@ pub fn tls_trusting(path: &std::path::Path) -> Result<Arc<rustls::ClientConfig>,
             .with_root_certificates(roots)
             .with_no_client_auth(),
     ))
+}
+
+#[cfg(test)]
+mod heartbeat_tests {
+    use super::*;
+    use kisara_runtime::hollow::HollowRuntime;
+
+    #[tokio::test]
+    async fn a_slow_engine_gets_its_last_status_marked_stale_within_the_limit() {
+        let rt = HollowRuntime::new().with_resources(6, 12 << 30);
+        let filter: LabelFilter = Vec::new();
+        let limit = Duration::from_millis(100);
+        let mut last = None;
+        let fresh = timed_status(&rt, &filter, limit, &mut last).await;
+        assert!(!fresh.stale);
+        assert_eq!(fresh.cpus, 6);
+
+        rt.set_status_delay(Duration::from_secs(30));
+        let started = tokio::time::Instant::now();
+        let slow = timed_status(&rt, &filter, limit, &mut last).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited {:?} for a busy engine",
+            started.elapsed()
+        );
+        assert!(slow.stale, "{slow:?}");
+        assert_eq!(
+            NodeStatus {
+                stale: false,
+                ..slow.clone()
+            },
+            fresh,
+            "not the last known status"
+        );
+
+        // An engine that never answered: zeros, marked stale.
+        let mut never = None;
+        let s = timed_status(&rt, &filter, limit, &mut never).await;
+        assert!(s.stale && s.cpus == 0, "{s:?}");
+
+        // Back to normal: fresh again.
+        rt.set_status_delay(Duration::ZERO);
+        assert!(!timed_status(&rt, &filter, limit, &mut last).await.stale);
+    }
 }

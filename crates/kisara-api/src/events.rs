@@ -35,6 +35,10 @@ pub mod kinds {
     pub const NODE_DOWN: &str = "node.down";
     /// A container's node went down past its grace period (once per container per outage).
     pub const CONTAINER_LOST: &str = "container.lost";
+    /// Reconciliation removed a container that carries this cluster's label but that the
+    /// store does not know (left by a launch a crash interrupted, or made behind Kisara's
+    /// back): once per engine container.
+    pub const CONTAINER_ORPHAN_REMOVED: &str = "container.orphan_removed";
 
     /// Every kind this version knows.
     pub const ALL: &[&str] = &[
@@ -49,6 +53,7 @@ pub mod kinds {
         INSTANCE_EXPIRED,
         NODE_DOWN,
         CONTAINER_LOST,
+        CONTAINER_ORPHAN_REMOVED,
     ];
 
     /// Kinds that are broadcast but never stored, so they carry id 0 and cannot be resumed.

@@ -29,6 +29,10 @@ pub struct NodeStatus {
     /// Containers carrying this cluster's labels on the node.
     pub containers: u32,
     pub containers_running: u32,
+    /// Set when the engine did not answer the status query in time: the figures are the last
+    /// ones it gave (zero if it never answered). The heartbeat itself is on time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
 }
 
 /// How the scheduler ranks the nodes that can take a request.

@@ -118,6 +118,9 @@ pub struct ServerSection {
     /// Spare networks kept ready per node, so a launch without a network does not wait for
     /// the engine to create one (default 2; 0 turns the warm pool off).
     pub warm_networks: Option<u32>,
+    /// What reconciliation does with a container of this cluster that the store does not
+    /// know: `remove` it (default) or only `report` it on the node.
+    pub orphans: Option<OrphanPolicy>,
     /// PEM certificate chain: with `tls_key`, the API and the agent channel are served over
     /// TLS (`kisara cert` makes one).
     pub tls_cert: Option<PathBuf>,
@@ -127,6 +130,18 @@ pub struct ServerSection {
     pub exposure: Option<kisara_api::ExposeMode>,
     /// Host ports of nodes that name no range (default `30000-39999`).
     pub port_range: Option<kisara_api::PortRange>,
+}
+
+/// What reconciliation does with a container that carries this cluster's label but that the
+/// store does not know (left by a launch a crash interrupted, or made behind Kisara's back).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrphanPolicy {
+    /// Remove it through its node's agent, with a `container.orphan_removed` event.
+    #[default]
+    Remove,
+    /// Leave it, log it and list it on the node (`unknown_containers`).
+    Report,
 }
 
 /// `[server.defaults]`: resources of a container whose request names none.
@@ -270,6 +285,8 @@ pub struct ServerSettings {
     pub memory_overcommit: f64,
     /// Spare networks kept ready per node (0 = none).
     pub warm_networks: u32,
+    /// What reconciliation does with labelled containers the store does not know.
+    pub orphans: OrphanPolicy,
     /// Certificate and key files when the server speaks TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Default exposure mode, host-port range, and the gateway role.
@@ -557,6 +574,7 @@ impl Config {
                 &self.gateway,
                 s.public_address.as_deref(),
             )?,
+            orphans: s.orphans.unwrap_or_default(),
             warm_networks: match s.warm_networks.unwrap_or(2) {
                 n @ 0..=64 => n,
                 n => {
@@ -738,6 +756,18 @@ token = "testtest"
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn orphans_are_removed_unless_configured_to_be_reported() {
+        let parse = |t: &str| Config::from_toml_str(t).and_then(|c| c.server_settings());
+        assert_eq!(parse("").unwrap().orphans, OrphanPolicy::Remove);
+        let report = parse("[server]\norphans = \"report\"\n").unwrap();
+        assert_eq!(report.orphans, OrphanPolicy::Report);
+        let bad = parse("[server]\norphans = \"delete\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("orphans") || bad.contains("delete"), "{bad}");
     }
 
     #[test]

@@ -420,6 +420,7 @@ impl Runtime for DockerRuntime {
             disk_free,
             containers: u32::try_from(containers.len()).unwrap_or(u32::MAX),
             containers_running: u32::try_from(running).unwrap_or(u32::MAX),
+            stale: false,
         })
     }
 

@@ -50,6 +50,8 @@ pub struct HollowRuntime {
     state: Arc<Mutex<State>>,
     /// `die` events, for [`Runtime::events`] subscribers.
     events: tokio::sync::broadcast::Sender<crate::RuntimeEvent>,
+    /// How long a status query takes (a busy engine, for tests); 0 = at once.
+    status_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for HollowRuntime {
@@ -95,7 +97,16 @@ impl HollowRuntime {
             disk_total: 100 << 30,
             state: Arc::new(Mutex::new(state)),
             events: tokio::sync::broadcast::channel(1024).0,
+            status_delay_ms: Default::default(),
         }
+    }
+
+    /// Makes every status query from now on take `delay` (a busy engine; for tests).
+    pub fn set_status_delay(&self, delay: std::time::Duration) {
+        self.status_delay_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Adds images (references like `kisara-test/busybox:latest`) as if they had been pulled.
@@ -338,6 +349,12 @@ impl Runtime for HollowRuntime {
     }
 
     async fn status(&self, filter: &LabelFilter) -> Result<NodeStatus> {
+        let delay = self
+            .status_delay_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         let st = lock(&self.state);
         let mut status = NodeStatus {
             cpus: self.cpus,
@@ -348,6 +365,7 @@ impl Runtime for HollowRuntime {
             disk_free: self.disk_total / 5 * 4,
             containers: 0,
             containers_running: 0,
+            stale: false,
         };
         for c in st.containers.values() {
             let running = c.inv.state == "running";

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kisara_api::agent::{ContainerEvent, ACTION_DIE};
+use kisara_api::agent::{ContainerEvent, InventoryContainer, ACTION_DIE};
 use kisara_api::events::kinds;
 use kisara_api::{labels, Container, ContainerState, Event, NodeStatus};
 use kisara_store::{OptionalExt, Store};
@@ -327,6 +327,33 @@ impl EventBus {
         self.emit(
             container_event(kinds::CONTAINER_LOST, c, data),
             Some(&format!("{}:{}:{since}", kinds::CONTAINER_LOST, c.id)),
+        );
+    }
+
+    /// Reconciliation removed a labelled container the store did not know: once per engine
+    /// container. `container_id` is the Kisara id its label carried.
+    pub fn container_orphan_removed(&self, node_id: &str, c: &InventoryContainer) {
+        let label = |k: &str| c.labels.get(k).cloned();
+        self.emit(
+            Event {
+                node_id: Some(node_id.to_string()),
+                container_id: label(labels::CONTAINER),
+                owner: label(labels::OWNER),
+                module: label(labels::MODULE),
+                data: serde_json::json!({
+                    "name": c.name.trim_start_matches('/'),
+                    "image": c.image,
+                    "docker_id": c.docker_id,
+                    "state": c.state,
+                    "service_id": label(labels::SERVICE),
+                }),
+                ..event(kinds::CONTAINER_ORPHAN_REMOVED)
+            },
+            Some(&format!(
+                "{}:{}",
+                kinds::CONTAINER_ORPHAN_REMOVED,
+                c.docker_id
+            )),
         );
     }
 

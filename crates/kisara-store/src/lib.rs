@@ -1087,7 +1087,7 @@ impl Store {
         extra_taken: &[Ipv4Net],
         holder: &str,
     ) -> Result<Ipv4Net> {
-        self.allocate_subnet_then(pool, extra_taken, holder, |_, _| Ok(()))
+        self.allocate_subnet_then(pool, extra_taken, holder, None, |_, _| Ok(()))
     }
 
     /// Allocates a subnet from `pool` for `net` (its id holds the subnet), fills in its
@@ -1097,10 +1097,34 @@ impl Store {
         &self,
         pool: &SubnetPool,
         extra_taken: &[Ipv4Net],
+        net: Network,
+    ) -> Result<Network> {
+        self.allocate_network_at(pool, extra_taken, net, None)
+    }
+
+    /// [`Store::allocate_network`], but the first free subnet at or after position `start`
+    /// of the pool (wrapping around): after an engine refused a subnet as overlapping (another
+    /// cluster sharing the engine took it), a random start keeps racing clusters from
+    /// colliding again on the next one in order.
+    pub fn allocate_network_from(
+        &self,
+        pool: &SubnetPool,
+        extra_taken: &[Ipv4Net],
+        net: Network,
+        start: u64,
+    ) -> Result<Network> {
+        self.allocate_network_at(pool, extra_taken, net, Some(start))
+    }
+
+    fn allocate_network_at(
+        &self,
+        pool: &SubnetPool,
+        extra_taken: &[Ipv4Net],
         mut net: Network,
+        start: Option<u64>,
     ) -> Result<Network> {
         let holder = net.id.clone();
-        self.allocate_subnet_then(pool, extra_taken, &holder, |conn, subnet| {
+        self.allocate_subnet_then(pool, extra_taken, &holder, start, |conn, subnet| {
             net.subnet = subnet.to_string();
             net.gateway = subnet.hosts().next().map(|g| g.to_string());
             Self::insert_network_on(conn, &net)
@@ -1115,6 +1139,7 @@ impl Store {
         pool: &SubnetPool,
         extra_taken: &[Ipv4Net],
         holder: &str,
+        start: Option<u64>,
         then: impl FnOnce(&Connection, Ipv4Net) -> Result<()>,
     ) -> Result<Ipv4Net> {
         let mut conn = self.conn();
@@ -1137,23 +1162,33 @@ impl Store {
         // position that may be free instead of from the start of the pool.
         let mut hint = c.hint(pool);
         let mut found = None;
-        let mut below_all_taken = true;
-        let mut i = hint;
-        while let Some(n) = pool.nth(i) {
-            if c.taken.overlaps(&n) {
-                if below_all_taken {
-                    hint = i + 1;
+        if let Some(start) = start {
+            // From `start`, wrapping around; the hint (lowest position that may be free) is
+            // left as it is.
+            let len = pool.len();
+            found = (0..len)
+                .map(|k| (start % len + k) % len)
+                .filter_map(|i| pool.nth(i).map(|n| (i, n)))
+                .find(|(_, n)| !c.taken.overlaps(n) && !extra.overlaps(n));
+        } else {
+            let mut below_all_taken = true;
+            let mut i = hint;
+            while let Some(n) = pool.nth(i) {
+                if c.taken.overlaps(&n) {
+                    if below_all_taken {
+                        hint = i + 1;
+                    }
+                } else {
+                    below_all_taken = false;
+                    if !extra.overlaps(&n) {
+                        found = Some((i, n));
+                        break;
+                    }
                 }
-            } else {
-                below_all_taken = false;
-                if !extra.overlaps(&n) {
-                    found = Some((i, n));
-                    break;
-                }
+                i += 1;
             }
-            i += 1;
+            c.set_hint(pool, hint);
         }
-        c.set_hint(pool, hint);
         let Some((index, net)) = found else {
             return Err(StoreError::Exhausted(format!(
                 "the subnet pool {pool} is exhausted: every subnet is allocated or used on the \
@@ -1169,7 +1204,7 @@ impl Store {
         tx.commit()?;
         c.taken.insert(&net);
         c.generation = after;
-        if index == hint {
+        if start.is_none() && index == hint {
             c.set_hint(pool, index + 1);
         }
         Ok(net)
@@ -1304,6 +1339,32 @@ mod tests {
         ));
         st.release_subnet(&a).unwrap();
         assert_eq!(st.allocate_subnet(&p, &[], "d").unwrap(), a);
+    }
+
+    #[test]
+    fn an_allocation_from_a_start_wraps_around_and_keeps_the_order_of_the_rest() {
+        let st = Store::open_in_memory().unwrap();
+        let p = pool("10.9.[0-3].0/24");
+        let row = |id: &str| Network {
+            subnet: String::new(),
+            gateway: None,
+            ..network(id, &format!("net-{id}"), "n1", None)
+        };
+        let a = st.allocate_network_from(&p, &[], row("a"), 2).unwrap();
+        assert_eq!(a.subnet, "10.9.2.0/24");
+        // Taken or used on the engine from the start on: wraps around to the first free one.
+        let b = st
+            .allocate_network_from(&p, &[n("10.9.3.0/24")], row("b"), 6)
+            .unwrap();
+        assert_eq!(b.subnet, "10.9.0.0/24");
+        // In-order allocation still finds the lowest free subnet.
+        let c = st.allocate_network(&p, &[], row("c")).unwrap();
+        assert_eq!(c.subnet, "10.9.1.0/24");
+        let d = st.allocate_network(&p, &[], row("d")).unwrap();
+        assert_eq!(d.subnet, "10.9.3.0/24");
+        let e = st.allocate_network_from(&p, &[], row("e"), 1).unwrap_err();
+        assert!(matches!(e, StoreError::Exhausted(_)), "{e}");
+        assert!(st.get_network("e").is_err());
     }
 
     #[test]

@@ -271,6 +271,239 @@ async fn server_restart_keeps_containers_and_reconciles() {
     k.stop().await;
 }
 
+/// Test clusters share one engine and race for the same subnets: two clusters each creating
+/// many networks at once from one pool all succeed, each on a subnet of its own (an engine's
+/// overlap answer sends the next try to a random place in the pool, retries bounded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_on_one_engine_create_many_networks_at_once_from_one_pool() {
+    const CONFIG: &str = "[server]\nsubnet_pool = [\"10.196.[0-63].0/24\"]\nwarm_networks = 0\n";
+    const EACH: usize = 12;
+    let (a, b) = tokio::join!(
+        TestCluster::start_with(CONFIG),
+        TestCluster::start_with(CONFIG)
+    );
+    let make = |k: &TestCluster| {
+        let client = k.client.clone();
+        async move {
+            let tag = kisara_server::new_id();
+            futures::future::join_all((0..EACH).map(|i| {
+                let client = client.clone();
+                let name = format!("race-{tag}-{i}");
+                async move {
+                    client
+                        .create_network(&kisara_api::CreateNetworkRequest {
+                            name,
+                            ..Default::default()
+                        })
+                        .await
+                }
+            }))
+            .await
+        }
+    };
+    let (made_a, made_b) = tokio::join!(make(&a), make(&b));
+    let mut subnets = Vec::new();
+    for r in made_a.iter().chain(&made_b) {
+        let net = r.as_ref().expect("every network is made");
+        subnets.push(net.subnet.clone());
+    }
+    subnets.sort();
+    subnets.dedup();
+    assert_eq!(subnets.len(), 2 * EACH, "a subnet handed out twice");
+    for (k, made) in [(&a, &made_a), (&b, &made_b)] {
+        for net in made.iter().flatten() {
+            k.client.remove_network(&net.id).await.expect("remove");
+        }
+        k.assert_clean().await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// An inventory is taken before reconciliation reads the store: a container launched in
+/// between is missing from it, and must not be marked gone for that; one the engine really
+/// lost is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_launched_after_the_inventory_is_not_marked_gone() {
+    let k = TestCluster::start().await;
+    let node = k.client.list_nodes().await.unwrap().items[0].id.clone();
+    let fresh = k.client.launch(&httpd_request()).await.expect("launch");
+    let removed = k.client.launch(&httpd_request()).await.expect("launch");
+    k.runtime.remove(&removed.docker_id, true).await.unwrap();
+    // An inventory from before both launches.
+    kisara_server::reconcile::reconcile_node(k.server.state(), &node, &[], &[]).await;
+    let all = k
+        .client
+        .list_containers(&ContainerFilter {
+            all: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    let state = |id: &str| all.iter().find(|c| c.id == id).map(|c| c.state);
+    assert_eq!(state(&fresh.id), Some(ContainerState::Running));
+    assert_eq!(state(&removed.id), Some(ContainerState::Gone));
+    assert_eq!(
+        k.server
+            .state()
+            .store
+            .get_container(&fresh.id)
+            .unwrap()
+            .state,
+        ContainerState::Running,
+        "the store took a fresh launch for gone"
+    );
+    k.client.stop(&fresh.id).await.unwrap();
+    k.client.remove(&removed.id, true).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+/// Reconciliation reads the node's rows once, then waits on the node row by row: a launch
+/// that completes meanwhile must keep its row and its container (it was acknowledged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launches_completing_during_reconciliation_keep_their_rows() {
+    let k = TestCluster::start().await;
+    let node = k.client.list_nodes().await.unwrap().items[0].id.clone();
+    let client = k.client.clone();
+    let launches = tokio::spawn(async move {
+        futures::future::join_all((0..6).map(|_| {
+            let client = client.clone();
+            async move { client.launch(&httpd_request()).await }
+        }))
+        .await
+    });
+    // Inventories taken before any of them: every completed row is asked about on the node.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !launches.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "launches never finished"
+        );
+        kisara_server::reconcile::reconcile_node(k.server.state(), &node, &[], &[]).await;
+    }
+    let launched: Vec<_> = launches.await.unwrap().into_iter().flatten().collect();
+    assert!(!launched.is_empty(), "no launch succeeded");
+    for c in &launched {
+        let row = k.server.state().store.get_container(&c.id);
+        assert!(
+            row.as_ref()
+                .is_ok_and(|r| r.state == ContainerState::Running),
+            "an acknowledged launch lost its row: {row:?}"
+        );
+        assert!(
+            k.runtime.inspect(&c.docker_id).await.is_ok(),
+            "an acknowledged launch lost its container"
+        );
+        k.client.stop(&c.id).await.unwrap();
+    }
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+/// Polls (bounded) until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The orphans the issue counts after a crash: containers labelled for this cluster and node
+/// that the store does not know. Reconciliation removes them on the agent's next connect
+/// (`container.orphan_removed` once each), but never one a launch of this process is working
+/// on, nor one of another cluster sharing the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_removes_orphans_once_and_nothing_else() {
+    use kisara_api::labels::{CLUSTER, CONTAINER, NODE};
+    let mut k = TestCluster::start().await;
+    let node = k.client.list_nodes().await.unwrap().items[0].id.clone();
+    k.stop_agent().await;
+    let (orphan_id, busy_id) = (kisara_server::new_id(), kisara_server::new_id());
+    let ours =
+        |id: &str| docker_run_labelled(&[(CLUSTER, &k.cluster_id), (CONTAINER, id), (NODE, &node)]);
+    let orphan = ours(&orphan_id);
+    let busy = ours(&busy_id);
+    let other_cluster = format!("other-{}", kisara_server::new_id());
+    let foreign = docker_run_labelled(&[
+        (CLUSTER, &other_cluster),
+        (CONTAINER, &kisara_server::new_id()),
+        (NODE, &node),
+    ]);
+    // A launch under way in this process (its guard held): hands off.
+    let in_flight = k.server.state().begin_launch(&busy_id);
+
+    k.start_agent().await;
+    until("the orphan is removed", || !orphan.exists()).await;
+    // One reconciliation decided all three: the others are still there.
+    assert!(
+        busy.exists(),
+        "a container whose launch is in flight was removed"
+    );
+    assert!(foreign.exists(), "another cluster's container was removed");
+    let removed = stored_events(&k.client, "container.orphan_removed").await;
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(removed[0].container_id.as_deref(), Some(orphan_id.as_str()));
+    assert_eq!(removed[0].node_id.as_deref(), Some(node.as_str()));
+    assert_eq!(removed[0].data["docker_id"], orphan.0.as_str());
+
+    // Once the launch is over, the same container is an orphan like any other; the first
+    // one's event does not fire again.
+    drop(in_flight);
+    k.stop_agent().await;
+    k.start_agent().await;
+    until("the abandoned launch's container is removed", || {
+        !busy.exists()
+    })
+    .await;
+    let removed = stored_events(&k.client, "container.orphan_removed").await;
+    let ids: Vec<_> = removed
+        .iter()
+        .filter_map(|e| e.container_id.clone())
+        .collect();
+    assert_eq!(ids, vec![orphan_id, busy_id], "{removed:?}");
+    assert!(foreign.exists(), "another cluster's container was removed");
+    drop(foreign);
+    k.assert_clean().await;
+    k.stop().await;
+}
+
+/// With `orphans = "report"` an orphan is left in place and listed on its node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_only_reported_when_configured_so() {
+    use kisara_api::labels::{CLUSTER, CONTAINER, NODE};
+    let mut k = TestCluster::start_with("[server]\norphans = \"report\"\n").await;
+    let node = k.client.list_nodes().await.unwrap().items[0].id.clone();
+    k.stop_agent().await;
+    let orphan = docker_run_labelled(&[
+        (CLUSTER, &k.cluster_id),
+        (CONTAINER, &kisara_server::new_id()),
+        (NODE, &node),
+    ]);
+    k.start_agent().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = k.client.node(&node).await.unwrap();
+        if n.unknown_containers.contains(&orphan.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reported: {n:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(orphan.exists(), "removed although orphans = \"report\"");
+    assert!(stored_events(&k.client, "container.orphan_removed")
+        .await
+        .is_empty());
+    drop(orphan);
+    k.assert_clean().await;
+    k.stop().await;
+}
+
 /// Polls (bounded) until the node has `want` unclaimed spare networks; returns them.
 async fn spares(k: &TestCluster, want: usize) -> Vec<kisara_api::Network> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -432,26 +665,6 @@ async fn a_node_down_past_its_grace_loses_its_containers_once_and_finds_them_aga
         TestCluster::start_with("[server]\nheartbeat_interval_secs = 1\nnode_grace_secs = 2\n")
             .await;
     let c = k.client.launch(&httpd_request()).await.expect("launch");
-    let client = k.client.clone();
-    let events = |kinds: &str| {
-        let q = kisara_api::events::EventQuery {
-            kinds: Some(kinds.into()),
-            since: Some(0),
-            ..Default::default()
-        };
-        let client = client.clone();
-        async move {
-            let mut s = client.events(&q).await.expect("events");
-            let mut seen = Vec::new();
-            // Everything stored so far replays at once; stop at the first quiet moment.
-            while let Ok(Some(Ok(e))) =
-                tokio::time::timeout(Duration::from_millis(500), s.next()).await
-            {
-                seen.push(e);
-            }
-            seen
-        }
-    };
     k.stop_agent().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -464,7 +677,7 @@ async fn a_node_down_past_its_grace_loses_its_containers_once_and_finds_them_aga
     }
     // Let the janitor run a few more rounds: the facts still fire once.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let lost = events("container.lost,node.down").await;
+    let lost = stored_events(&k.client, "container.lost,node.down").await;
     assert_eq!(
         lost.iter().filter(|e| e.kind == "container.lost").count(),
         1,

@@ -230,6 +230,51 @@ async fn node_connect_and_disconnect_fire_once_and_heartbeats_only_on_request() 
     k.stop().await;
 }
 
+/// A busy engine (its status query hangs) must not make its node look unreachable: the
+/// agent's heartbeats keep coming on time, with the last known status marked stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_engine_is_slow_to_answer_keeps_beating_with_stale_status() {
+    let k =
+        TestCluster::start_with("[server]\nheartbeat_interval_secs = 1\nnode_grace_secs = 30\n")
+            .await;
+    let mut beats = k
+        .client
+        .events(&query(kinds::NODE_HEARTBEAT, None))
+        .await
+        .expect("subscribe");
+    let hollow = Arc::new(kisara_runtime::hollow::HollowRuntime::new().with_resources(3, 3 << 30));
+    let (stop, task) = extra_agent_on(&k, "slow", hollow.clone());
+    let fresh = read_until(&mut beats, "a heartbeat of the hollow node", |v| {
+        v.iter().any(|e| e.data["cpus"] == 3)
+    })
+    .await;
+    let node = fresh
+        .iter()
+        .find(|e| e.data["cpus"] == 3)
+        .and_then(|e| e.node_id.clone())
+        .expect("node id");
+    hollow.set_status_delay(Duration::from_secs(120));
+    // Well past the server's silence limit (three intervals): every beat still arrives.
+    let seen = read_until(&mut beats, "five stale heartbeats", |v| {
+        v.iter()
+            .filter(|e| e.node_id.as_deref() == Some(node.as_str()) && e.data["stale"] == true)
+            .count()
+            >= 5
+    })
+    .await;
+    for e in seen
+        .iter()
+        .filter(|e| e.node_id.as_deref() == Some(node.as_str()) && e.data["stale"] == true)
+    {
+        assert_eq!(e.data["cpus"], 3, "not the last known status: {e:?}");
+    }
+    let n = k.client.node(&node).await.expect("node");
+    assert_eq!(n.state, kisara_api::NodeState::Ready, "{n:?}");
+    stop.cancel();
+    let _ = task.await;
+    k.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_by_last_event_id_yields_exactly_the_events_after_it() {
     let k = TestCluster::start().await;
@@ -620,10 +665,19 @@ async fn wait_log(log: &Log, what: &str, pred: impl Fn(&(&'static str, Event)) -
 
 /// Another agent on the same engine, joining as its own node.
 fn extra_agent(k: &TestCluster, name: &str) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    extra_agent_on(k, name, k.runtime.clone())
+}
+
+/// Another agent, on the engine `runtime`, joining as its own node.
+fn extra_agent_on(
+    k: &TestCluster,
+    name: &str,
+    runtime: Arc<dyn kisara_runtime::Runtime>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let join = std::fs::read_to_string(k.data_dir.join(kisara_server::JOIN_TOKEN_FILE))
         .expect("join token");
     let agent = Agent::new(
-        k.runtime.clone(),
+        runtime,
         AgentOptions {
             server_url: k.url.clone(),
             name: name.into(),

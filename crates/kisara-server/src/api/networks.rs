@@ -143,6 +143,7 @@ pub async fn create_on_node(
     let mut fresh =
         explicit.is_some() || session.as_ref().is_none_or(|s| s.used_subnets().is_none());
     let mut attempt = 0;
+    let mut collided = false;
     loop {
         attempt += 1;
         // The row goes in before the engine makes the network (intent), so a crash between
@@ -184,10 +185,16 @@ pub async fn create_on_node(
                 row
             }
             // Subnet and row in one transaction.
-            None => match st
-                .store
-                .allocate_network(&st.settings.subnet_pool, &engine_used, row)
-            {
+            None => match if collided {
+                // Racing another cluster on this engine: from a random start, so the two do
+                // not collide again on the next subnet in order.
+                let start = rand::random::<u64>() % st.settings.subnet_pool.len().max(1);
+                st.store
+                    .allocate_network_from(&st.settings.subnet_pool, &engine_used, row, start)
+            } else {
+                st.store
+                    .allocate_network(&st.settings.subnet_pool, &engine_used, row)
+            } {
                 Ok(row) => row,
                 Err(kisara_store::StoreError::Exhausted(_)) if !fresh => {
                     engine_used = used_subnets(st, node_id).await?;
@@ -241,6 +248,7 @@ pub async fn create_on_node(
                     engine_used = used_subnets(st, node_id).await.unwrap_or_default();
                     fresh = true;
                     engine_used.push(subnet);
+                    collided = true;
                     continue;
                 }
                 return Err(e);

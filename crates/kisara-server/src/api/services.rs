@@ -1279,6 +1279,12 @@ pub async fn reconcile_node(st: &Arc<AppState>, node_id: &str) {
         if rec.state != SERVICE_LAUNCHING || st.is_in_flight(&rec.id) {
             continue;
         }
+        // Read again now that it is known not to be in flight: a launch that finished since
+        // the list was read has settled its own rows (it updates them before it ends).
+        match st.store.get_service(&rec.id).optional() {
+            Ok(Some(now)) if now.id == rec.id && now.state == SERVICE_LAUNCHING => {}
+            _ => continue,
+        }
         let mut made = Made::default();
         let ids: Vec<String> = rec
             .members

@@ -340,6 +340,66 @@ pub async fn http_get(host: &str, port: u16) -> String {
     last
 }
 
+/// Every stored event of `kinds` (comma-separated) so far: the backlog replays at once, so the
+/// read stops at the first quiet half second.
+pub async fn stored_events(client: &Client, kinds: &str) -> Vec<kisara_api::Event> {
+    use futures::StreamExt;
+    let q = kisara_api::events::EventQuery {
+        kinds: Some(kinds.into()),
+        since: Some(0),
+        ..Default::default()
+    };
+    let mut s = client.events(&q).await.expect("events");
+    let mut seen = Vec::new();
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(500), s.next()).await {
+        seen.push(e);
+    }
+    seen
+}
+
+/// A container made straight on the engine, behind Kisara's back (`docker run -d` of the test
+/// image, sleeping), carrying `labels`; returns its Docker id. Removed with the docker CLI when
+/// the returned guard drops, whatever carries its labels.
+pub fn docker_run_labelled(labels: &[(&str, &str)]) -> EngineContainer {
+    let mut cmd = std::process::Command::new("docker");
+    cmd.args(["run", "-d"]);
+    for (k, v) in labels {
+        cmd.arg("--label").arg(format!("{k}={v}"));
+    }
+    let out = cmd
+        .args([IMAGE, "sleep", "600"])
+        .output()
+        .expect("docker CLI");
+    assert!(
+        out.status.success(),
+        "docker run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    EngineContainer(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// See [`docker_run_labelled`]: the Docker id, removed (forced) on drop.
+pub struct EngineContainer(pub String);
+
+impl EngineContainer {
+    /// Whether the engine still has it (in any state).
+    pub fn exists(&self) -> bool {
+        std::process::Command::new("docker")
+            .args(["inspect", "--type", "container", &self.0])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(true)
+    }
+}
+
+impl Drop for EngineContainer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &self.0])
+            .output();
+    }
+}
+
 /// `docker inspect` of a container, as JSON.
 pub fn docker_inspect(id: &str) -> serde_json::Value {
     let out = std::process::Command::new("docker")
