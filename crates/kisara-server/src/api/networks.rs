@@ -144,6 +144,7 @@ pub async fn create_on_node(
         explicit.is_some() || session.as_ref().is_none_or(|s| s.used_subnets().is_none());
     let mut attempt = 0;
     let mut collided = false;
+    let mut overlaps = 0u32;
     loop {
         attempt += 1;
         // The row goes in before the engine makes the network (intent), so a crash between
@@ -248,7 +249,11 @@ pub async fn create_on_node(
                     engine_used = used_subnets(st, node_id).await.unwrap_or_default();
                     fresh = true;
                     engine_used.push(subnet);
-                    collided = true;
+                    // A first refusal is usually a network made outside Kisara: with the
+                    // engine's fresh answer the next subnet in order is right. Refused again
+                    // with fresh answers means another cluster races us on this engine.
+                    overlaps += 1;
+                    collided = overlaps >= 2;
                     continue;
                 }
                 return Err(e);
