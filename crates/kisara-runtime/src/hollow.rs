@@ -1022,16 +1022,17 @@ fn now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// A 64-hex-digit id, unique within the process (a counter through a bijective mix, salted so
-/// that two processes do not produce the same ids).
 /// A stable image id for a reference: `sha256:` and the hex SHA-256 of the reference.
 fn image_id(reference: &str) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(reference.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(reference.as_bytes()))
+    )
 }
 
+/// A 64-hex-digit id, unique within the process (a counter through a bijective mix, salted so
+/// that two processes do not produce the same ids).
 fn new_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(1);
     static SALT: OnceLock<u64> = OnceLock::new();

@@ -944,10 +944,31 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// A node's unclaimed networks (`made`: only those the engine has made), read through
-    /// the `networks_unclaimed` index. Callers order them: with an `ORDER BY` SQLite
-    /// re-prepared the statement on every run (an equality on a bound parameter beside an
-    /// ORDER BY marks the plan as depending on the value), which cost more than the query.
+    /// A node's unclaimed networks carrying `spare_label`, oldest first (ties by id); `made`:
+    /// only those the engine has made. Read through the `networks_unclaimed` index and ordered
+    /// here: with an `ORDER BY` SQLite re-prepared the statement on every run (an equality on
+    /// a bound parameter beside an ORDER BY marks the plan as depending on the value), which
+    /// cost more than the query.
+    fn unclaimed_spares(
+        conn: &Connection,
+        node_id: &str,
+        spare_label: &str,
+        made: bool,
+    ) -> Result<Vec<Network>> {
+        let mut stmt = conn.prepare_cached(&Self::unclaimed_sql(made))?;
+        let rows = stmt.query_map([node_id], Self::network_row)?;
+        let mut out = Vec::new();
+        for n in rows {
+            let n = n?;
+            if n.labels.contains_key(spare_label) {
+                out.push(n);
+            }
+        }
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    /// The statement of [`Store::unclaimed_spares`].
     fn unclaimed_sql(made: bool) -> String {
         format!(
             "SELECT {} FROM networks INDEXED BY networks_unclaimed
@@ -957,27 +978,11 @@ impl Store {
         )
     }
 
-    /// Oldest first, ties by id.
-    fn oldest_first(nets: &mut [Network]) {
-        nets.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-    }
-
     /// Spare networks of a node: carrying the `spare` label and not yet claimed.
     pub fn spare_networks(&self, node_id: &str, spare_label: &str) -> Result<Vec<Network>> {
         // Only unclaimed rows are read: the warm pool asks after every launch, and a node's
         // claimed networks (one per container) are most of its rows.
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&Self::unclaimed_sql(false))?;
-        let rows = stmt.query_map([node_id], Self::network_row)?;
-        let mut out = Vec::new();
-        for n in rows {
-            let n = n?;
-            if n.labels.contains_key(spare_label) {
-                out.push(n);
-            }
-        }
-        Self::oldest_first(&mut out);
-        Ok(out)
+        Self::unclaimed_spares(&self.conn(), node_id, spare_label, false)
     }
 
     /// Claims one spare network of `node_id` for `owner`, atomically: two launches never get
@@ -1004,20 +1009,8 @@ impl Store {
         spare_label: &str,
         owner: &str,
     ) -> Result<Option<Network>> {
-        let candidate = {
-            let mut stmt = conn.prepare_cached(&Self::unclaimed_sql(true))?;
-            let rows = stmt.query_map([node_id], Self::network_row)?;
-            let mut spares = Vec::new();
-            for n in rows {
-                let n = n?;
-                if n.labels.contains_key(spare_label) {
-                    spares.push(n);
-                }
-            }
-            Self::oldest_first(&mut spares);
-            spares.into_iter().next()
-        };
-        let Some(mut net) = candidate else {
+        let candidate = Self::unclaimed_spares(conn, node_id, spare_label, true)?;
+        let Some(mut net) = candidate.into_iter().next() else {
             return Ok(None);
         };
         conn.exec(

@@ -143,7 +143,7 @@ pub async fn create_on_node(
     let mut fresh =
         explicit.is_some() || session.as_ref().is_none_or(|s| s.used_subnets().is_none());
     let mut attempt = 0;
-    let mut collided = false;
+    // Overlap refusals from the engine so far (see the retry below).
     let mut overlaps = 0u32;
     loop {
         attempt += 1;
@@ -186,9 +186,10 @@ pub async fn create_on_node(
                 row
             }
             // Subnet and row in one transaction.
-            None => match if collided {
-                // Racing another cluster on this engine: from a random start, so the two do
-                // not collide again on the next subnet in order.
+            None => match if overlaps >= 2 {
+                // Refused twice, the second time with the engine's fresh answer: another
+                // cluster races us on this engine. From a random start, so the two do not
+                // collide again on the next subnet in order.
                 let start = rand::random::<u64>() % st.settings.subnet_pool.len().max(1);
                 st.store
                     .allocate_network_from(&st.settings.subnet_pool, &engine_used, row, start)
@@ -250,10 +251,8 @@ pub async fn create_on_node(
                     fresh = true;
                     engine_used.push(subnet);
                     // A first refusal is usually a network made outside Kisara: with the
-                    // engine's fresh answer the next subnet in order is right. Refused again
-                    // with fresh answers means another cluster races us on this engine.
+                    // engine's fresh answer the next subnet in order is right.
                     overlaps += 1;
-                    collided = overlaps >= 2;
                     continue;
                 }
                 return Err(e);
