@@ -11,14 +11,14 @@
 //! race or an agent may replay (`container.stop` from stop and remove, `container.die` after a
 //! reconnect).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kisara_api::agent::{ContainerEvent, InventoryContainer, ACTION_DIE};
 use kisara_api::events::kinds;
 use kisara_api::{labels, Container, ContainerState, Event, NodeStatus};
-use kisara_store::{OptionalExt, Store};
+use kisara_store::{OptionalExt, Store, Ticket};
 use tokio::sync::broadcast;
 
 use crate::hub::NodeSession;
@@ -53,6 +53,13 @@ impl Default for Retention {
     }
 }
 
+/// An event stored by a deferred write, broadcast once its commit is settled.
+struct Unsettled {
+    ticket: Ticket,
+    event: Arc<Event>,
+    queued: Vec<String>,
+}
+
 /// A `die` waiting for its container's `container.launch`.
 struct ParkedDie {
     node_id: String,
@@ -64,8 +71,9 @@ pub struct EventBus {
     store: Store,
     cluster_id: String,
     tx: broadcast::Sender<Arc<Event>>,
-    /// Held across append + broadcast so that live order is id order.
-    order: Mutex<()>,
+    /// Held across append + broadcast so that live order is id order. Holds the events of
+    /// deferred writes (see [`EventBus::complete_launch`]) until their commit, in id order.
+    order: Mutex<VecDeque<Unsettled>>,
     /// By docker id. Locked before `order` wherever both are taken.
     parked: Mutex<HashMap<String, ParkedDie>>,
     pub webhooks: Dispatcher,
@@ -141,7 +149,7 @@ impl EventBus {
             store,
             cluster_id,
             tx,
-            order: Mutex::new(()),
+            order: Mutex::new(VecDeque::new()),
             parked: Mutex::new(HashMap::new()),
             retention: Retention::default(),
         }
@@ -198,8 +206,12 @@ impl EventBus {
         ) -> Result<Option<(Event, Vec<String>)>, kisara_store::StoreError>,
     ) -> Result<Option<Arc<Event>>, kisara_store::StoreError> {
         let (stored, queued) = {
-            let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-            match write(&self.store, event, fact)? {
+            let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+            let written = write(&self.store, event, fact);
+            // An ordinary write commits any group open before it: events stored by deferred
+            // writes earlier (lower ids) go out first.
+            self.flush_settled(&mut order);
+            match written? {
                 Some((stored, queued)) => {
                     let stored = Arc::new(stored);
                     let _ = self.tx.send(stored.clone());
@@ -211,6 +223,57 @@ impl EventBus {
         tracing::debug!(id = stored.id, kind = %stored.kind, "event");
         self.webhooks.notify(&queued);
         Ok(Some(stored))
+    }
+
+    /// [`EventBus::append`] as a deferred write: the event is broadcast (and its webhooks
+    /// woken) only once the write's commit is settled, by [`EventBus::settle`].
+    fn append_deferred(
+        &self,
+        event: &Event,
+        fact: Option<&str>,
+        write: impl FnOnce(
+            &Store,
+            &Event,
+            Option<&str>,
+        ) -> Result<Option<(Event, Vec<String>)>, kisara_store::StoreError>,
+    ) -> Result<Ticket, kisara_store::StoreError> {
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        let (written, ticket) = self.store.deferred(|s| write(s, event, fact));
+        if let Some((stored, queued)) = written? {
+            order.push_back(Unsettled {
+                ticket,
+                event: Arc::new(stored),
+                queued,
+            });
+        }
+        Ok(ticket)
+    }
+
+    /// Waits for a deferred event's commit, then broadcasts every event settled by now, in
+    /// id order.
+    async fn settle(&self, ticket: Ticket) -> Result<(), kisara_store::StoreError> {
+        let r = self.store.durable(ticket).await;
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        self.flush_settled(&mut order);
+        r
+    }
+
+    /// Broadcasts the waiting events whose commits are settled, oldest first, up to the first
+    /// that is not; those of a failed commit were rolled back and are dropped.
+    fn flush_settled(&self, order: &mut VecDeque<Unsettled>) {
+        while let Some(front) = order.front() {
+            match self.store.settled(front.ticket) {
+                None => break,
+                Some(committed) => {
+                    let Some(u) = order.pop_front() else { break };
+                    if committed {
+                        tracing::debug!(id = u.event.id, kind = %u.event.kind, "event");
+                        let _ = self.tx.send(u.event);
+                        self.webhooks.notify(&u.queued);
+                    }
+                }
+            }
+        }
     }
 
     // ---- the facts ----
@@ -273,13 +336,25 @@ impl EventBus {
     /// Records a launched container as the node reported it (see
     /// [`kisara_store::Store::complete_container`]) together with its `container.launch`
     /// event, in one transaction. On an error neither is stored.
-    pub fn complete_launch(&self, c: &Container) -> Result<(), kisara_store::StoreError> {
-        let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-        let fact = format!("{}:{}", kinds::CONTAINER_LAUNCH, c.id);
-        self.append(&Self::launch_event(c), Some(&fact), |s, e, f| {
-            s.complete_container_with_event(c, e, f)
-        })?;
-        self.after_launch(parked, c);
+    pub async fn complete_launch(&self, c: &Container) -> Result<(), kisara_store::StoreError> {
+        // A deferred write: launches finishing together share one commit. The caller answers
+        // only once it is durable, and the event goes out only then.
+        let (ticket, early) = {
+            let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            let fact = format!("{}:{}", kinds::CONTAINER_LAUNCH, c.id);
+            let ticket = self.append_deferred(&Self::launch_event(c), Some(&fact), |s, e, f| {
+                s.complete_container_with_event(c, e, f)
+            })?;
+            // A `die` arriving from now on finds the launch recorded and is emitted after it;
+            // one that arrived before was parked and is taken here.
+            let early = parked.remove(&c.docker_id);
+            parked.retain(|_, p| p.at.elapsed() < PARKED_DIE_TTL);
+            (ticket, early)
+        };
+        self.settle(ticket).await?;
+        if let Some(p) = early {
+            self.die(&p.node_id, c, &p.event);
+        }
         Ok(())
     }
 

@@ -333,7 +333,9 @@ fn settle_network_rows(st: &Arc<AppState>, node_id: &str, networks: &[InventoryN
             Some(inv) => {
                 let _ = st.store.set_network_docker_id(&row.id, &inv.docker_id);
             }
-            None if !st.is_in_flight(&row.id) => {
+            // `rows` was read before this check: a create that finished since (its guard
+            // gone) has its engine id now. In flight first, then a fresh read.
+            None if !st.is_in_flight(&row.id) && still_without_engine_id(st, &row.id) => {
                 if let Ok(subnet) = row.subnet.parse::<ipnet::Ipv4Net>() {
                     let _ = st.store.release_subnet(&subnet);
                 }
@@ -342,6 +344,12 @@ fn settle_network_rows(st: &Arc<AppState>, node_id: &str, networks: &[InventoryN
             None => {}
         }
     }
+}
+
+/// The network row is still an intent (no engine id), read now.
+fn still_without_engine_id(st: &AppState, id: &str) -> bool {
+    matches!(st.store.get_network(id).optional(),
+        Ok(Some(n)) if n.id == id && n.docker_id.is_empty())
 }
 
 /// This cluster's networks on the engine, by Kisara id.

@@ -6,6 +6,7 @@
 //! twice a no-op: that is how "exactly once per fact" holds even when two paths race or an
 //! agent replays engine events after a reconnect.
 
+use crate::WriteTx;
 use kisara_api::{DeliveryAttempt, DeliveryState, Event, EventFilter, WebhookDelivery};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -173,7 +174,7 @@ impl Store {
         first: impl FnOnce(&Connection) -> Result<()>,
     ) -> Result<Option<(Event, Vec<String>)>> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.read_tx()?;
         first(&tx)?;
         if let Some(fact) = fact {
             let known = tx
@@ -266,7 +267,7 @@ impl Store {
     /// finished deliveries older than `before`. Answers how many events went.
     pub fn prune_events(&self, keep: u64, before: i64) -> Result<usize> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.read_tx()?;
         let n = tx.exec(
             "DELETE FROM events WHERE time < ?1
                  OR id <= (SELECT coalesce(max(id), 0) FROM events) - ?2",
@@ -317,7 +318,7 @@ impl Store {
     /// Removes a webhook with its queue and history.
     pub fn delete_webhook(&self, id: &str) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.read_tx()?;
         tx.exec(
             "DELETE FROM webhook_attempts WHERE delivery_id IN
                  (SELECT id FROM webhook_deliveries WHERE webhook_id = ?1)",
@@ -385,7 +386,7 @@ impl Store {
         outcome: &AttemptOutcome,
     ) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.read_tx()?;
         tx.exec(
             "INSERT OR REPLACE INTO webhook_attempts(delivery_id, attempt, time, status, error)
              VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -6,9 +6,10 @@
 //! together. An instance row goes with its container: a trigger deletes it when the container
 //! row is deleted, whichever path deletes it (stop, remove, a dropped launch, expiry).
 
+use crate::WriteTx;
 use kisara_api::InstanceFlag;
 use kisara_core::instances::AdmissionLimits;
-use rusqlite::{params, OptionalExtension, Row, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::{Cached, Result, Store, StoreError};
 
@@ -104,7 +105,7 @@ fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRecord> {
 const LIVE: &str = "awd_game IS NULL AND NOT EXISTS
     (SELECT 1 FROM containers c WHERE c.id = instances.id AND c.state = 'gone')";
 
-fn count(tx: &Transaction<'_>, owner: Option<&str>, module: Option<&str>) -> Result<u64> {
+fn count(tx: &Connection, owner: Option<&str>, module: Option<&str>) -> Result<u64> {
     let sql = format!(
         "SELECT count(*) FROM instances WHERE (?1 IS NULL OR owner = ?1)
            AND (?2 IS NULL OR module = ?2) AND {LIVE}"
@@ -114,11 +115,7 @@ fn count(tx: &Transaction<'_>, owner: Option<&str>, module: Option<&str>) -> Res
 }
 
 /// Refuses the admission of `rec` when a limit would be passed.
-fn check_limits(
-    tx: &Transaction<'_>,
-    rec: &InstanceRecord,
-    limits: &AdmissionLimits,
-) -> Result<()> {
+fn check_limits(tx: &Connection, rec: &InstanceRecord, limits: &AdmissionLimits) -> Result<()> {
     if let Some(cap) = limits.global_cap {
         let n = count(tx, None, None)?;
         if n >= cap as u64 {
@@ -157,7 +154,7 @@ fn check_limits(
     Ok(())
 }
 
-fn insert(tx: &Transaction<'_>, rec: &InstanceRecord) -> Result<()> {
+fn insert(tx: &Connection, rec: &InstanceRecord) -> Result<()> {
     tx.exec(
         &format!(
             "INSERT INTO instances({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
@@ -194,10 +191,10 @@ impl Store {
         &self,
         rec: &InstanceRecord,
         limits: &AdmissionLimits,
-        rows: impl FnOnce(&Transaction<'_>) -> Result<()>,
+        rows: impl FnOnce(&Connection) -> Result<()>,
     ) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = conn.write_tx()?;
         check_limits(&tx, rec, limits)?;
         rows(&tx)?;
         insert(&tx, rec)?;
@@ -281,7 +278,7 @@ impl Store {
         decide: impl FnOnce(&InstanceRecord) -> std::result::Result<i64, E>,
     ) -> Result<std::result::Result<InstanceRecord, E>> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = conn.write_tx()?;
         let sql = format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = ?1");
         let mut rec = tx
             .row(&sql, [id], instance_row)
@@ -316,7 +313,7 @@ impl Store {
     /// Records an instance outside admission (an AWD gamebox relaunched under a new id).
     pub fn insert_instance(&self, rec: &InstanceRecord) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.read_tx()?;
         insert(&tx, rec)?;
         tx.commit()?;
         Ok(())

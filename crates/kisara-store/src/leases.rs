@@ -5,10 +5,11 @@
 //! the primary key, and allocation reads and writes in one transaction, so two launches never
 //! get the same port. Leases go with their container (or service) or with their node.
 
+use crate::WriteTx;
 use std::collections::BTreeSet;
 
 use kisara_api::{ExposeMode, PortRange, Protocol};
-use rusqlite::{params, Row, TransactionBehavior};
+use rusqlite::{params, Row};
 
 use crate::{Cached, Result, Store, StoreError};
 
@@ -121,7 +122,7 @@ impl Store {
         now: i64,
     ) -> Result<Vec<Lease>> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn.write_tx()?;
         let mut out = Vec::with_capacity(requests.len());
         for req in requests {
             let taken: BTreeSet<u16> = {
@@ -203,7 +204,7 @@ impl Store {
     /// Gives back every lease of a container; returns what was released.
     pub fn release_container_leases(&self, container_id: &str) -> Result<Vec<Lease>> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.read_tx()?;
         let leases = {
             let mut stmt = tx.prepare_cached(&format!(
                 "SELECT {LEASE_COLS} FROM port_leases WHERE container_id = ?1"

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use ipnet::Ipv4Net;
 use kisara_api::agent::Hello;
@@ -18,11 +18,13 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 mod events;
+mod group;
 mod instances;
 mod launch;
 mod leases;
 mod services;
 pub use events::{AttemptOutcome, DeliveryCounts, PendingDelivery, WebhookRecord};
+pub use group::{Ticket, COMMIT_WINDOW};
 pub use instances::{AwdGameRecord, InstanceRecord, KIND_CONTAINER, KIND_SERVICE};
 pub use leases::{first_free, node_scope, Lease, LeaseRequest, GATEWAY_SCOPE};
 pub use services::{
@@ -85,7 +87,11 @@ impl NodeRecord {
 
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    /// The one connection, and the deferred transaction open on it (see [`group`]).
+    db: Arc<Mutex<group::Db>>,
+    group: Arc<group::Group>,
+    /// Set when the commit thread could not start: writes are then never deferred.
+    no_committer: Arc<std::sync::atomic::AtomicBool>,
     /// The subnets table in memory (locked after `conn`, never before).
     subnets: Arc<Mutex<Option<SubnetCache>>>,
 }
@@ -226,7 +232,7 @@ pub struct SubnetAllocation {
 /// The subnets table in memory, so an allocation neither reads every row nor walks the pool
 /// from its start. Valid while `generation` matches the counter that triggers on the table
 /// keep (see `Store::init`); any change it did not make itself reloads it.
-struct SubnetCache {
+pub(crate) struct SubnetCache {
     generation: i64,
     taken: TakenIndex,
     /// Per pool: the lowest position in it that may be free.
@@ -290,6 +296,60 @@ impl Cached for Connection {
     }
 }
 
+/// A transaction that nests: a real one when the connection has none open, else a savepoint
+/// inside the open one (a deferred group transaction, see [`group`]). Either way it commits
+/// with [`Tx::commit`] and rolls back when dropped.
+pub(crate) enum Tx<'c> {
+    Top(rusqlite::Transaction<'c>),
+    Nested(rusqlite::Savepoint<'c>),
+}
+
+impl Tx<'_> {
+    pub(crate) fn commit(self) -> rusqlite::Result<()> {
+        match self {
+            Tx::Top(t) => t.commit(),
+            Tx::Nested(s) => s.commit(),
+        }
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            Tx::Top(t) => t,
+            Tx::Nested(s) => s,
+        }
+    }
+}
+
+pub(crate) trait WriteTx {
+    /// A transaction taking the write lock at once (`BEGIN IMMEDIATE`), or a savepoint.
+    fn write_tx(&mut self) -> rusqlite::Result<Tx<'_>>;
+    /// A transaction that takes locks as it goes (`BEGIN DEFERRED`), or a savepoint.
+    fn read_tx(&mut self) -> rusqlite::Result<Tx<'_>>;
+}
+
+impl WriteTx for Connection {
+    fn write_tx(&mut self) -> rusqlite::Result<Tx<'_>> {
+        if self.is_autocommit() {
+            Ok(Tx::Top(self.transaction_with_behavior(
+                rusqlite::TransactionBehavior::Immediate,
+            )?))
+        } else {
+            Ok(Tx::Nested(self.savepoint()?))
+        }
+    }
+
+    fn read_tx(&mut self) -> rusqlite::Result<Tx<'_>> {
+        if self.is_autocommit() {
+            Ok(Tx::Top(self.transaction()?))
+        } else {
+            Ok(Tx::Nested(self.savepoint()?))
+        }
+    }
+}
+
 /// Turns "not found" into `None`, for callers to whom absence is not an error.
 pub trait OptionalExt<T> {
     fn optional(self) -> Result<Option<T>>;
@@ -330,7 +390,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     if current == target {
         return Ok(());
     }
-    let tx = conn.transaction()?;
+    let tx = conn.read_tx()?;
     for step in &MIGRATIONS[current.max(0) as usize..] {
         tx.execute_batch(step)?;
     }
@@ -385,7 +445,7 @@ impl Store {
     /// store (any clone of it) lives. A checkpoint in `PASSIVE` mode never blocks writers; a
     /// failed one is retried at the next tick (the backstop bounds the WAL meanwhile).
     fn spawn_checkpointer(&self, path: &Path) {
-        let alive = Arc::downgrade(&self.conn);
+        let alive = Arc::downgrade(&self.db);
         let path = path.to_path_buf();
         let spawned = std::thread::Builder::new()
             .name("kisara-store-checkpoint".into())
@@ -425,6 +485,9 @@ impl Store {
         // Room for every statement the store runs (see [`Cached`]); the default holds 16.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Temporary tables, and the journals of savepoints (every store call inside a group
+        // transaction is one, see [`group`]), stay in memory instead of spilling to files.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         migrate(&mut conn)?;
         // Every change to the subnets table, by any statement of this connection, bumps a
         // counter: the in-memory copy is trusted only while the counter is where it left it.
@@ -438,16 +501,18 @@ impl Store {
              CREATE TEMP TRIGGER subnets_upd AFTER UPDATE ON main.subnets
                  BEGIN UPDATE subnet_generation SET n = n + 1; END;",
         )?;
-        Ok(Store {
+        let store = Store {
             subnets: Default::default(),
-            conn: Arc::new(Mutex::new(conn)),
-        })
+            db: Arc::new(Mutex::new(group::Db::new(conn))),
+            group: Default::default(),
+            no_committer: Default::default(),
+        };
+        store.spawn_committer();
+        Ok(store)
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
-        // back on drop), so a poisoned lock is safe to keep using.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn conn(&self) -> group::ConnGuard<'_> {
+        self.lock_db()
     }
 
     // ---- meta ----
@@ -994,7 +1059,7 @@ impl Store {
         owner: &str,
     ) -> Result<Option<Network>> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = conn.write_tx()?;
         let net = Self::claim_spare_on(&tx, node_id, spare_label, owner)?;
         if net.is_some() {
             tx.commit()?;
@@ -1040,7 +1105,7 @@ impl Store {
 
     // ---- subnets ----
 
-    fn allocated(tx: &rusqlite::Transaction<'_>) -> Result<Vec<Ipv4Net>> {
+    fn allocated(tx: &Connection) -> Result<Vec<Ipv4Net>> {
         Ok(Self::allocations(tx)?
             .into_iter()
             .map(|a| a.subnet)
@@ -1136,7 +1201,7 @@ impl Store {
         then: impl FnOnce(&Connection, Ipv4Net) -> Result<()>,
     ) -> Result<Ipv4Net> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = conn.write_tx()?;
         // The table in memory, reloaded only when something changed it behind the cache.
         let generation = subnet_generation(&tx)?;
         let mut cache = self.subnets.lock().unwrap_or_else(|p| p.into_inner());
@@ -1208,7 +1273,7 @@ impl Store {
     pub fn reserve_subnet(&self, net: &Ipv4Net, holder: &str) -> Result<()> {
         let net = net.trunc();
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = conn.write_tx()?;
         if let Some(t) = Self::allocations(&tx)?
             .into_iter()
             .find(|t| kisara_core::pool::overlaps(&t.subnet, &net))
@@ -1303,7 +1368,7 @@ impl Store {
 
     pub fn allocated_subnets(&self) -> Result<Vec<Ipv4Net>> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.read_tx()?;
         let v = Self::allocated(&tx)?;
         tx.commit()?;
         Ok(v)

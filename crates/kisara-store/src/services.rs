@@ -3,6 +3,7 @@
 //! any other). The row is written first, in `launching`, and its members are recorded as they
 //! are made, so a crash mid-launch leaves intent that reconciliation removes.
 
+use crate::WriteTx;
 use rusqlite::{params, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
@@ -189,7 +190,7 @@ impl Store {
     /// Deletes a service's row and its instance record (lifetime, flags) with it.
     pub fn delete_service(&self, id: &str) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.read_tx()?;
         tx.exec("DELETE FROM services WHERE id = ?1", [id])?;
         tx.exec(
             "DELETE FROM instances WHERE id = ?1 AND kind = ?2",

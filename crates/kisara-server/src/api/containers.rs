@@ -163,14 +163,17 @@ pub async fn launch_container(
     let wants_spare = existing_network.is_none() && !req.internet && st.settings.warm_networks > 0;
     // The intent row, the instance's record, the idempotency key and the claimed spare go in
     // together, under the admission limits: one transaction, and nothing when it fails.
-    let admitted = instances::admit_container_with(
-        &st,
-        &container,
-        (reserved.memory_mb, reserved.cpu_milli),
-        &prepared.record,
-        req.idempotency_key.as_deref(),
-        wants_spare,
-    );
+    // A deferred write: concurrent launches share its commit (see `kisara_store::group`).
+    let (admitted, intent) = st.store.deferred(|_| {
+        instances::admit_container_with(
+            &st,
+            &container,
+            (reserved.memory_mb, reserved.cpu_milli),
+            &prepared.record,
+            req.idempotency_key.as_deref(),
+            wants_spare,
+        )
+    });
     if wants_spare {
         crate::warm::refill(&st, &node_id);
     }
@@ -185,6 +188,8 @@ pub async fn launch_container(
         }
         (Err(e), _) => return Err(e),
     };
+    // The intent is durable before any engine is asked for anything.
+    st.store.durable(intent).await?;
     match launch_on_node(
         &st,
         &req,
@@ -331,7 +336,7 @@ async fn launch_on_node(
     container.ports = public_ports;
     container.host_port = host_port_string(&container.ports);
     // The completed row and its `container.launch` event are stored together.
-    if let Err(e) = st.events.complete_launch(container) {
+    if let Err(e) = st.events.complete_launch(container).await {
         // Keep Docker and the store in step: undo the launch.
         let _ = st
             .hub

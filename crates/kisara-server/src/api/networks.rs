@@ -185,18 +185,8 @@ pub async fn create_on_node(
                 }
                 row
             }
-            // Subnet and row in one transaction.
-            None => match if overlaps >= 2 {
-                // Refused twice, the second time with the engine's fresh answer: another
-                // cluster races us on this engine. From a random start, so the two do not
-                // collide again on the next subnet in order.
-                let start = rand::random::<u64>() % st.settings.subnet_pool.len().max(1);
-                st.store
-                    .allocate_network_from(&st.settings.subnet_pool, &engine_used, row, start)
-            } else {
-                st.store
-                    .allocate_network(&st.settings.subnet_pool, &engine_used, row)
-            } {
+            // Subnet and row in one transaction, durable before the engine is asked.
+            None => match allocate_intent(st, row, &engine_used, overlaps).await {
                 Ok(row) => row,
                 Err(kisara_store::StoreError::Exhausted(_)) if !fresh => {
                     engine_used = used_subnets(st, node_id).await?;
@@ -231,7 +221,14 @@ pub async fn create_on_node(
         {
             Ok(Reply::NetworkCreated { docker_id }) => {
                 net.docker_id = docker_id;
-                if let Err(e) = st.store.set_network_docker_id(&id, &net.docker_id) {
+                let (written, done) = st
+                    .store
+                    .deferred(|s| s.set_network_docker_id(&id, &net.docker_id));
+                let written = match written {
+                    Ok(()) => st.store.durable(done).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = written {
                     destroy(st, &net).await;
                     return Err(e.into());
                 }
@@ -259,6 +256,31 @@ pub async fn create_on_node(
             }
         }
     }
+}
+
+/// A pool network's intent row and its subnet, in one transaction: a deferred write (networks
+/// made together share the commit), durable when this returns.
+async fn allocate_intent(
+    st: &Arc<AppState>,
+    row: Network,
+    engine_used: &[Ipv4Net],
+    overlaps: u32,
+) -> Result<Network, kisara_store::StoreError> {
+    let pool = &st.settings.subnet_pool;
+    let (allocated, intent) = st.store.deferred(|s| {
+        if overlaps >= 2 {
+            // Refused twice, the second time with the engine's fresh answer: another cluster
+            // races us on this engine. From a random start, so the two do not collide again
+            // on the next subnet in order.
+            let start = rand::random::<u64>() % pool.len().max(1);
+            s.allocate_network_from(pool, engine_used, row, start)
+        } else {
+            s.allocate_network(pool, engine_used, row)
+        }
+    });
+    let row = allocated?;
+    st.store.durable(intent).await?;
+    Ok(row)
 }
 
 /// Asks the node which subnets its engine uses, and remembers the answer in its session.
