@@ -44,6 +44,10 @@ pub struct Client {
     http: reqwest::Client,
     base: Url,
     token: Option<Token>,
+    /// `Bearer <token>`, made once (and marked sensitive, so `Debug` hides it) rather than
+    /// formatted and validated again on every call. `None` with a token that cannot be a
+    /// header value: those calls fail when sent, as they always did.
+    auth: Option<reqwest::header::HeaderValue>,
     timeout: Duration,
 }
 
@@ -99,10 +103,16 @@ impl ClientBuilder {
             http = http.tls_certs_only(certs);
         }
         let http = http.build().map_err(Error::Transport)?;
+        let auth = self.token.as_ref().and_then(|Token(t)| {
+            let mut v = reqwest::header::HeaderValue::try_from(format!("Bearer {t}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
         Ok(Client {
             http,
             base,
             token: self.token,
+            auth,
             timeout: self.timeout,
         })
     }
@@ -349,9 +359,10 @@ impl Client {
     /// A request carrying the bearer token.
     pub(crate) fn req(&self, method: Method, segments: &[&str]) -> Result<RequestBuilder> {
         let builder = self.http.request(method, self.url(segments)?);
-        Ok(match &self.token {
-            Some(Token(t)) => builder.bearer_auth(t),
-            None => builder,
+        Ok(match (&self.auth, &self.token) {
+            (Some(v), _) => builder.header(reqwest::header::AUTHORIZATION, v.clone()),
+            (None, Some(Token(t))) => builder.bearer_auth(t),
+            (None, None) => builder,
         })
     }
 
@@ -423,6 +434,29 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("s3cr3t"), "{dbg}");
         assert!(dbg.contains("Token(***)"), "{dbg}");
+    }
+
+    #[test]
+    fn every_call_carries_the_bearer_token() {
+        let c = Client::new("http://127.0.0.1:7474", Some("s3cr3t-token".into())).unwrap();
+        for _ in 0..2 {
+            let req = c
+                .req(Method::GET, &["v1", "nodes"])
+                .unwrap()
+                .build()
+                .unwrap();
+            let auth = req.headers().get(reqwest::header::AUTHORIZATION).unwrap();
+            assert_eq!(auth.to_str().unwrap(), "Bearer s3cr3t-token");
+            assert!(auth.is_sensitive());
+        }
+        let anonymous = Client::new("http://127.0.0.1:7474", None).unwrap();
+        let req = anonymous.req(Method::GET, &["v1", "nodes"]).unwrap();
+        assert!(req
+            .build()
+            .unwrap()
+            .headers()
+            .get(reqwest::header::AUTHORIZATION)
+            .is_none());
     }
 
     #[test]
