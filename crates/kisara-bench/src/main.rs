@@ -19,6 +19,10 @@ use kisara_bench::{
 };
 use tokio::io::AsyncBufReadExt;
 
+/// The allocator of the `kisara` binary, so the server measured here allocates as it does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "Scale benchmark of the Kisara control plane with hollow nodes")]
 struct Cli {
