@@ -53,6 +53,10 @@ impl Default for Retention {
     }
 }
 
+/// What an event's write answers: the stored event and the webhooks it was queued for, or
+/// `None` when its fact was already recorded.
+type Written = Result<Option<(Event, Vec<String>)>, kisara_store::StoreError>;
+
 /// An event stored by a deferred write, broadcast once its commit is settled.
 struct Unsettled {
     ticket: Ticket,
@@ -199,11 +203,7 @@ impl EventBus {
         &self,
         event: &Event,
         fact: Option<&str>,
-        write: impl FnOnce(
-            &Store,
-            &Event,
-            Option<&str>,
-        ) -> Result<Option<(Event, Vec<String>)>, kisara_store::StoreError>,
+        write: impl FnOnce(&Store, &Event, Option<&str>) -> Written,
     ) -> Result<Option<Arc<Event>>, kisara_store::StoreError> {
         let (stored, queued) = {
             let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
@@ -231,11 +231,7 @@ impl EventBus {
         &self,
         event: &Event,
         fact: Option<&str>,
-        write: impl FnOnce(
-            &Store,
-            &Event,
-            Option<&str>,
-        ) -> Result<Option<(Event, Vec<String>)>, kisara_store::StoreError>,
+        write: impl FnOnce(&Store, &Event, Option<&str>) -> Written,
     ) -> Result<Ticket, kisara_store::StoreError> {
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         let (written, ticket) = self.store.deferred(|s| write(s, event, fact));
