@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use kisara_api::{labels, Network};
 
-use crate::{new_id, AppState};
+use crate::{new_ordered_id, AppState};
 
 /// Which nodes are being refilled right now (one refill task per node at a time).
 #[derive(Default)]
@@ -96,7 +96,7 @@ pub fn refill(st: &Arc<AppState>, node_id: &str) {
             }
             let mut l = BTreeMap::new();
             l.insert(labels::SPARE.to_string(), "true".to_string());
-            let name = format!("kisara-net-{}", new_id());
+            let name = format!("kisara-net-{}", new_ordered_id());
             if let Err(e) = crate::api::networks::create_on_node(
                 &st, &node_id, &name, None, false, false, None, l,
             )

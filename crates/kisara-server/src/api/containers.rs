@@ -19,7 +19,7 @@ use kisara_core::policy::{self, LaunchContext};
 use super::{ApiJson, ApiQuery};
 use crate::error::{ApiError, ApiResult};
 use crate::instances::{self, Caller};
-use crate::{new_id, now, placement, AppState};
+use crate::{new_ordered_id, now, placement, AppState};
 
 /// How long a node may take to create and start a container (images are not pulled here).
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
@@ -74,7 +74,7 @@ pub async fn launch_container(
             return Ok(done);
         }
     }
-    let id = new_id();
+    let id = new_ordered_id();
     let _in_flight = st.begin_launch(&id);
     // Lifetime and flags are settled (and refused when bad) before anything is made.
     let mut prepared = instances::prepare(&st, &req, &id, kisara_store::KIND_CONTAINER)?;

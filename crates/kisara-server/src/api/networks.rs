@@ -15,7 +15,7 @@ use kisara_api::{
 
 use super::{ApiJson, ApiQuery};
 use crate::error::{ApiError, ApiResult};
-use crate::{new_id, now, placement, AppState};
+use crate::{new_ordered_id, now, placement, AppState};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Another program on the engine (or another Kisara cluster sharing it, which allocates from
@@ -124,7 +124,7 @@ pub async fn create_on_node(
     owned_by: Option<String>,
     mut labels: BTreeMap<String, String>,
 ) -> ApiResult<Network> {
-    let id = new_id();
+    let id = new_ordered_id();
     let _in_flight = st.begin_launch(&id);
     labels.insert(
         kisara_api::labels::CLUSTER.to_string(),
