@@ -40,7 +40,7 @@ use crate::error::{status_for_code, ApiError, ApiResult};
 use crate::flags::Rendered;
 use crate::gateway::launch::Exposure;
 use crate::instances::{self, Caller};
-use crate::{new_id, now, placement, AppState};
+use crate::{new_ordered_id, now, placement, AppState};
 
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -131,7 +131,7 @@ pub async fn launch(
     let plan = plan_of(&req)?;
     service_plan::validate(&plan, &st.settings)?;
     crate::gateway::launch::validate(&st, (&req).into())?;
-    let service_id = new_id();
+    let service_id = new_ordered_id();
     // Lifetime and flags are settled (and refused when bad) before anything is made.
     let flags = render_flags(&st, &req, &plan)?;
     let record = instances::record(
@@ -324,7 +324,7 @@ async fn launch_service(st: &Arc<AppState>, launch: Launch) -> ApiResult<Service
             )));
         }
     }
-    let ids: Vec<String> = plan.containers.iter().map(|_| new_id()).collect();
+    let ids: Vec<String> = plan.containers.iter().map(|_| new_ordered_id()).collect();
     // Reconciliation must not settle these rows while this launch is still working on them.
     let _in_flight: Vec<_> = std::iter::once(&service_id)
         .chain(ids.iter())
