@@ -26,7 +26,7 @@ use rusqlite::Connection;
 use crate::{Result, Store, StoreError, SubnetCache};
 
 /// The longest a deferred write waits for others to join its commit.
-pub const COMMIT_WINDOW: Duration = Duration::from_millis(10);
+const COMMIT_WINDOW: Duration = Duration::from_millis(10);
 
 /// A group stays open for this many times what the last commit cost (up to
 /// [`COMMIT_WINDOW`]), so commits take at most about a ninth of the store's time: under load
@@ -65,9 +65,7 @@ impl Db {
             next: 1,
         }
     }
-}
 
-impl Db {
     /// How long the open group may still gather writes: [`WINDOW_FACTOR`] times what the
     /// last commit cost, at most [`COMMIT_WINDOW`], counted from the end of the last commit.
     fn window_left(&self) -> Duration {
@@ -188,7 +186,9 @@ fn commit(db: &mut Db, group: &Group, subnets: &Mutex<Option<SubnetCache>>) {
 }
 
 impl Store {
-    pub(crate) fn lock_db(&self) -> ConnGuard<'_> {
+    /// The store's connection, locked (see [`ConnGuard`]); inside [`Store::deferred`], with a
+    /// group transaction open on it.
+    pub(crate) fn conn(&self) -> ConnGuard<'_> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
         // back on drop), so a poisoned lock is safe to keep using.
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
@@ -217,7 +217,8 @@ impl Store {
     /// Runs `write` with its writes deferred to the next group commit. The result is the
     /// closure's; nothing it wrote may be acted on outside the store until
     /// [`Store::durable`] has accepted the ticket. A write that fails inside `write` is
-    /// rolled back as usual (each store call is its own savepoint).
+    /// rolled back as usual (each store call is its own savepoint). Two store calls in `write`
+    /// may land in two groups (the committer may run between them); the ticket covers both.
     pub fn deferred<R>(&self, write: impl FnOnce(&Store) -> R) -> (R, Ticket) {
         let was = DEFER.with(|d| d.replace(true));
         let joined_before = JOINED.with(|j| j.replace(0));
@@ -226,6 +227,15 @@ impl Store {
         let joined = JOINED.with(|j| j.replace(joined_before.max(j.get())));
         let ticket = Ticket((joined > 0).then_some(joined));
         (r, ticket)
+    }
+
+    /// [`Store::deferred`], then [`Store::durable`] when the write succeeded: its value once
+    /// it is committed.
+    pub async fn durably<T>(&self, write: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+        let (written, ticket) = self.deferred(write);
+        let value = written?;
+        self.durable(ticket).await?;
+        Ok(value)
     }
 
     /// Waits until the writes behind `ticket` are committed; an error when their commit
@@ -346,6 +356,9 @@ mod tests {
         assert_eq!(store.get_meta("k").unwrap().as_deref(), Some("v"));
         store.durable(ticket).await.unwrap();
         assert_eq!(meta_on_disk(&path, "k").as_deref(), Some("v"));
+        // Both steps in one: on disk when it answers.
+        store.durably(|s| s.set_meta("k2", "v2")).await.unwrap();
+        assert_eq!(meta_on_disk(&path, "k2").as_deref(), Some("v2"));
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ mod launch;
 mod leases;
 mod services;
 pub use events::{AttemptOutcome, DeliveryCounts, PendingDelivery, WebhookRecord};
-pub use group::{Ticket, COMMIT_WINDOW};
+pub use group::Ticket;
 pub use instances::{AwdGameRecord, InstanceRecord, KIND_CONTAINER, KIND_SERVICE};
 pub use leases::{first_free, node_scope, Lease, LeaseRequest, GATEWAY_SCOPE};
 pub use services::{
@@ -509,10 +509,6 @@ impl Store {
         };
         store.spawn_committer();
         Ok(store)
-    }
-
-    fn conn(&self) -> group::ConnGuard<'_> {
-        self.lock_db()
     }
 
     // ---- meta ----

@@ -221,13 +221,10 @@ pub async fn create_on_node(
         {
             Ok(Reply::NetworkCreated { docker_id }) => {
                 net.docker_id = docker_id;
-                let (written, done) = st
+                let written = st
                     .store
-                    .deferred(|s| s.set_network_docker_id(&id, &net.docker_id));
-                let written = match written {
-                    Ok(()) => st.store.durable(done).await,
-                    Err(e) => Err(e),
-                };
+                    .durably(|s| s.set_network_docker_id(&id, &net.docker_id))
+                    .await;
                 if let Err(e) = written {
                     destroy(st, &net).await;
                     return Err(e.into());
@@ -267,20 +264,19 @@ async fn allocate_intent(
     overlaps: u32,
 ) -> Result<Network, kisara_store::StoreError> {
     let pool = &st.settings.subnet_pool;
-    let (allocated, intent) = st.store.deferred(|s| {
-        if overlaps >= 2 {
-            // Refused twice, the second time with the engine's fresh answer: another cluster
-            // races us on this engine. From a random start, so the two do not collide again
-            // on the next subnet in order.
-            let start = rand::random::<u64>() % pool.len().max(1);
-            s.allocate_network_from(pool, engine_used, row, start)
-        } else {
-            s.allocate_network(pool, engine_used, row)
-        }
-    });
-    let row = allocated?;
-    st.store.durable(intent).await?;
-    Ok(row)
+    st.store
+        .durably(|s| {
+            if overlaps >= 2 {
+                // Refused twice, the second time with the engine's fresh answer: another
+                // cluster races us on this engine. From a random start, so the two do not
+                // collide again on the next subnet in order.
+                let start = rand::random::<u64>() % pool.len().max(1);
+                s.allocate_network_from(pool, engine_used, row, start)
+            } else {
+                s.allocate_network(pool, engine_used, row)
+            }
+        })
+        .await
 }
 
 /// Asks the node which subnets its engine uses, and remembers the answer in its session.
