@@ -389,12 +389,13 @@ mod tests {
                  CREATE TABLE child(p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);",
             )
             .unwrap();
-        // Both writes in one group: a good one, and one that only fails at COMMIT.
+        // Both writes in one group: a good one, and one that only fails at COMMIT. Under one
+        // lock, so the committer cannot commit between them (two store calls may land in two
+        // groups).
         let (r, ticket) = store.deferred(|s| {
-            s.set_meta("good", "1")?;
-            s.conn()
-                .execute("INSERT INTO child(p) VALUES (42)", [])
-                .map_err(StoreError::from)?;
+            let conn = s.conn();
+            conn.execute("INSERT INTO meta(key, value) VALUES ('good', '1')", [])?;
+            conn.execute("INSERT INTO child(p) VALUES (42)", [])?;
             Ok::<_, StoreError>(())
         });
         r.unwrap();
