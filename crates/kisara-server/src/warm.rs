@@ -87,8 +87,8 @@ pub fn refill(st: &Arc<AppState>, node_id: &str) {
             if st.shutdown.is_cancelled() || st.hub.get(&node_id).is_none() {
                 break;
             }
-            let have = match st.store.spare_networks(&node_id, labels::SPARE) {
-                Ok(v) => v.len(),
+            let have = match st.store.spare_count(&node_id, labels::SPARE) {
+                Ok(n) => n,
                 Err(_) => break,
             };
             if have >= target {

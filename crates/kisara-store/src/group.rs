@@ -185,7 +185,44 @@ fn commit(db: &mut Db, group: &Group, subnets: &Mutex<Option<SubnetCache>>) {
     });
 }
 
+/// A handle that does not keep the store open (for its own threads).
+pub(crate) struct WeakStore {
+    db: Weak<Mutex<Db>>,
+    group: Weak<Group>,
+    no_committer: Weak<std::sync::atomic::AtomicBool>,
+    subnets: Weak<Mutex<Option<SubnetCache>>>,
+}
+
+impl WeakStore {
+    /// The store, while any handle of it lives.
+    pub(crate) fn upgrade(&self) -> Option<Store> {
+        Some(Store {
+            db: self.db.upgrade()?,
+            group: self.group.upgrade()?,
+            no_committer: self.no_committer.upgrade()?,
+            subnets: self.subnets.upgrade()?,
+        })
+    }
+}
+
 impl Store {
+    pub(crate) fn downgrade(&self) -> WeakStore {
+        WeakStore {
+            db: Arc::downgrade(&self.db),
+            group: Arc::downgrade(&self.group),
+            no_committer: Arc::downgrade(&self.no_committer),
+            subnets: Arc::downgrade(&self.subnets),
+        }
+    }
+
+    /// Runs `f` under the store's lock with no group transaction open (the open one is
+    /// committed first, sooner than promised): nothing commits while `f` runs.
+    pub(crate) fn quiesced<R>(&self, f: impl FnOnce() -> R) -> R {
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        commit(&mut db, &self.group, &self.subnets);
+        f()
+    }
+
     /// The store's connection, locked (see [`ConnGuard`]); inside [`Store::deferred`], with a
     /// group transaction open on it.
     pub(crate) fn conn(&self) -> ConnGuard<'_> {
