@@ -133,8 +133,8 @@ const MIGRATIONS: &[&str] = &[
 
 /// No query ever used `containers_docker` (the docker-id prefix lookup compares a substring,
 /// which no index serves), yet every launch changed it twice: its row went in with an empty
-/// docker id and got the engine's id when the container ran. The churn of those entries
-/// split and merged its pages on every group commit (about a tenth of the launch rate).
+/// docker id and got the engine's id when the container ran. Those entries churned (every
+/// launch in flight sat in the empty id's run), splitting and merging the index's pages.
 const MIGRATION_NO_DOCKER_ID_INDEX: &str = r#"
 DROP INDEX IF EXISTS containers_docker;
 "#;
@@ -1951,7 +1951,8 @@ mod tests {
     /// Under writes that never pause, the checkpoint thread still lets the WAL start over
     /// (its tail step runs between two group commits). Before, the WAL grew until SQLite's
     /// backstop (16,384 pages) checkpointed inside a commit, holding every caller through its
-    /// fsyncs; this writes far fewer pages than that, so it would see no restart at all.
+    /// fsyncs: without the tail step this test sees its restarts only after the WAL has grown
+    /// past the backstop, and fails on the length.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_starts_over_while_writes_continue() {
         let dir = tempfile::tempdir().unwrap();
