@@ -121,6 +121,10 @@ pub struct ServerSection {
     /// What reconciliation does with a container of this cluster that the store does not
     /// know: `remove` it (default) or only `report` it on the node.
     pub orphans: Option<OrphanPolicy>,
+    /// Seconds after a reconciliation that dropped interrupted launches before the node's
+    /// containers are looked at once more for orphans (default 45; an engine may finish an
+    /// interrupted launch late).
+    pub orphan_recheck_secs: Option<u64>,
     /// PEM certificate chain: with `tls_key`, the API and the agent channel are served over
     /// TLS (`kisara cert` makes one).
     pub tls_cert: Option<PathBuf>,
@@ -287,6 +291,8 @@ pub struct ServerSettings {
     pub warm_networks: u32,
     /// What reconciliation does with labelled containers the store does not know.
     pub orphans: OrphanPolicy,
+    /// The second orphan sweep after a reconciliation that dropped interrupted launches.
+    pub orphan_recheck: std::time::Duration,
     /// Certificate and key files when the server speaks TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Default exposure mode, host-port range, and the gateway role.
@@ -575,6 +581,14 @@ impl Config {
                 s.public_address.as_deref(),
             )?,
             orphans: s.orphans.unwrap_or_default(),
+            orphan_recheck: match s.orphan_recheck_secs.unwrap_or(45) {
+                n @ 1..=3600 => std::time::Duration::from_secs(n),
+                n => {
+                    return Err(CoreError::invalid(format!(
+                        "server.orphan_recheck_secs must be between 1 and 3600, got {n}"
+                    )))
+                }
+            },
             warm_networks: match s.warm_networks.unwrap_or(2) {
                 n @ 0..=64 => n,
                 n => {
@@ -764,6 +778,20 @@ token = "testtest"
         assert_eq!(parse("").unwrap().orphans, OrphanPolicy::Remove);
         let report = parse("[server]\norphans = \"report\"\n").unwrap();
         assert_eq!(report.orphans, OrphanPolicy::Report);
+        assert_eq!(
+            parse("").unwrap().orphan_recheck,
+            std::time::Duration::from_secs(45)
+        );
+        assert_eq!(
+            parse("[server]\norphan_recheck_secs = 2\n")
+                .unwrap()
+                .orphan_recheck,
+            std::time::Duration::from_secs(2)
+        );
+        let zero = parse("[server]\norphan_recheck_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("orphan_recheck_secs"), "{zero}");
         let bad = parse("[server]\norphans = \"delete\"\n")
             .unwrap_err()
             .to_string();

@@ -213,18 +213,15 @@ async fn sweep_orphans(st: &Arc<AppState>, node_id: &str, candidates: &[&Invento
     st.set_unknown_containers(node_id, unknown);
 }
 
-/// How long after a reconciliation that dropped interrupted launches the node's containers are
-/// looked at once more: longer than an agent lets its operations finish after a drop.
-const ORPHAN_RECHECK: std::time::Duration = std::time::Duration::from_secs(45);
-
-/// One more orphan sweep of the node after [`ORPHAN_RECHECK`], on a fresh list of its
+/// One more orphan sweep of the node after `[server] orphan_recheck_secs` (45 s by default:
+/// longer than an agent lets its operations finish after a drop), on a fresh list of its
 /// containers (skipped when the node is gone or the server stops first).
 fn recheck_later(st: &Arc<AppState>, node_id: &str) {
     let st = st.clone();
     let node_id = node_id.to_string();
     tokio::spawn(async move {
         tokio::select! {
-            _ = tokio::time::sleep(ORPHAN_RECHECK) => {}
+            _ = tokio::time::sleep(st.settings.orphan_recheck) => {}
             _ = st.shutdown.cancelled() => return,
         }
         let listed = st

@@ -470,6 +470,56 @@ async fn reconciliation_removes_orphans_once_and_nothing_else() {
     k.stop().await;
 }
 
+/// A launch the crash interrupted may finish on the engine after the restart's reconciliation
+/// dropped its row: a reconciliation that dropped launches looks at the node once more
+/// (`orphan_recheck_secs` later), and that second look removes the late container. The first
+/// look cannot see it: it is made only after the row is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_that_finishes_after_its_row_was_dropped_is_removed_by_the_recheck() {
+    use kisara_api::labels::{CLUSTER, CONTAINER, NODE};
+    let k = TestCluster::start_with("[server]\nwarm_networks = 0\norphan_recheck_secs = 1\n").await;
+    let c = k.client.launch(&httpd_request()).await.expect("launch");
+    let late_id = kisara_server::new_id();
+    let k = k
+        .restart_editing(|store| {
+            let mut never = c.clone();
+            never.id = late_id.clone();
+            never.name = format!("late-{late_id}");
+            never.docker_id = String::new();
+            never.state = ContainerState::Launching;
+            never.ports.clear();
+            store.insert_container(&never).unwrap();
+        })
+        .await;
+    // The restart's reconciliation drops the intent the engine never saw...
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while k.client.container(&late_id).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the intent was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...and then the engine finishes that launch.
+    let late = docker_run_labelled(&[
+        (CLUSTER, &k.cluster_id),
+        (CONTAINER, &late_id),
+        (NODE, &c.node_id),
+    ]);
+    until("the late container is removed", || !late.exists()).await;
+    let removed = stored_events(&k.client, "container.orphan_removed").await;
+    let ids: Vec<_> = removed
+        .iter()
+        .filter_map(|e| e.container_id.clone())
+        .collect();
+    assert_eq!(ids, vec![late_id], "{removed:?}");
+    // The container that was running all along is untouched.
+    assert_eq!(k.wait_running(&c.id).await.docker_id, c.docker_id);
+    k.client.stop(&c.id).await.unwrap();
+    k.assert_clean().await;
+    k.stop().await;
+}
+
 /// With `orphans = "report"` an orphan is left in place and listed on its node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_are_only_reported_when_configured_so() {
