@@ -92,10 +92,15 @@ pub async fn reconcile_node(
             continue;
         }
         match by_docker.get(c.docker_id.as_str()) {
+            // The inventory is older than the rows read above, and the loop waits on the node:
+            // a state is written only over the one it was compared with, never over a change
+            // made meanwhile (a stop through the API).
             Some(inv) => {
                 let state = ContainerState::from_docker(&inv.state);
                 if state != c.state {
-                    let _ = st.store.update_container_state(&c.id, state, &inv.status);
+                    let _ =
+                        st.store
+                            .update_container_state_from(&c.id, c.state, state, &inv.status);
                 }
             }
             // The inventory was taken before the store was read: a launch that completed in
@@ -104,7 +109,12 @@ pub async fn reconcile_node(
                 Some(Some(inv)) => {
                     let state = ContainerState::from_docker(&inv.state);
                     if state != c.state {
-                        let _ = st.store.update_container_state(&c.id, state, &inv.status);
+                        let _ = st.store.update_container_state_from(
+                            &c.id,
+                            c.state,
+                            state,
+                            &inv.status,
+                        );
                     }
                 }
                 Some(None) => {

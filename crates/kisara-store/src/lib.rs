@@ -891,6 +891,25 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::update_container_state`], only while the row is still in state `from`: whether
+    /// it was written. For a state seen on an engine a while ago, which must not undo a change
+    /// made since (a stop through the API while a reconciliation waited on the node).
+    pub fn update_container_state_from(
+        &self,
+        id: &str,
+        from: ContainerState,
+        state: ContainerState,
+        status: &str,
+    ) -> Result<bool> {
+        let n = self.conn().exec(
+            "UPDATE containers SET state = ?2, status = ?3,
+                 removed_at = CASE WHEN ?2 = 'gone' THEN coalesce(removed_at, ?4) END
+             WHERE id = ?1 AND state = ?5",
+            params![id, state_str(state), status, unix_now(), state_str(from)],
+        )?;
+        Ok(n > 0)
+    }
+
     /// When the container was found gone (unix seconds), if it was.
     pub fn container_removed_at(&self, id: &str) -> Result<Option<i64>> {
         self.conn()
@@ -1744,6 +1763,39 @@ mod tests {
             st.get_container("aaaa%_"),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    /// A state seen on an engine a while ago is written only over the state it was compared
+    /// with: a change made since (here a stop) stands.
+    #[test]
+    fn a_state_is_written_only_over_the_one_it_was_compared_with() {
+        let st = Store::open_in_memory().unwrap();
+        let mut c = container("c1", "aaaaaa1", "web", "n1");
+        c.state = ContainerState::Running;
+        st.insert_container(&c).unwrap();
+        // Read as running; stopped meanwhile; the engine's older "paused" must not land.
+        st.update_container_state("c1", ContainerState::Exited, "stopped")
+            .unwrap();
+        let wrote = st
+            .update_container_state_from(
+                "c1",
+                ContainerState::Running,
+                ContainerState::Paused,
+                "Paused",
+            )
+            .unwrap();
+        assert!(!wrote);
+        let row = st.get_container("c1").unwrap();
+        assert_eq!(
+            (row.state, row.status.as_str()),
+            (ContainerState::Exited, "stopped")
+        );
+        // Over the state it was compared with, it is written.
+        assert!(st
+            .update_container_state_from("c1", ContainerState::Exited, ContainerState::Gone, "x")
+            .unwrap());
+        assert_eq!(st.get_container("c1").unwrap().state, ContainerState::Gone);
+        assert!(st.container_removed_at("c1").unwrap().is_some());
     }
 
     #[test]
