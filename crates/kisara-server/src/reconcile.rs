@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use kisara_api::agent::{InventoryContainer, InventoryNetwork, Operation};
-use kisara_api::{host_port_string, labels, ContainerState};
+use kisara_api::{host_port_string, labels, Container, ContainerState};
 use kisara_core::config::OrphanPolicy;
 use kisara_store::OptionalExt;
 
@@ -92,31 +92,11 @@ pub async fn reconcile_node(
             continue;
         }
         match by_docker.get(c.docker_id.as_str()) {
-            // The inventory is older than the rows read above, and the loop waits on the node:
-            // a state is written only over the one it was compared with, never over a change
-            // made meanwhile (a stop through the API).
-            Some(inv) => {
-                let state = ContainerState::from_docker(&inv.state);
-                if state != c.state {
-                    let _ =
-                        st.store
-                            .update_container_state_from(&c.id, c.state, state, &inv.status);
-                }
-            }
+            Some(inv) => record_state(st, c, inv),
             // The inventory was taken before the store was read: a launch that completed in
             // between is not in it. Only the engine's own "no such container" makes it gone.
             None => match still_there(st, node_id, &c.docker_id).await {
-                Some(Some(inv)) => {
-                    let state = ContainerState::from_docker(&inv.state);
-                    if state != c.state {
-                        let _ = st.store.update_container_state_from(
-                            &c.id,
-                            c.state,
-                            state,
-                            &inv.status,
-                        );
-                    }
-                }
+                Some(Some(inv)) => record_state(st, c, &inv),
                 Some(None) => {
                     gone += 1;
                     let _ = st.store.update_container_state(
@@ -153,6 +133,19 @@ pub async fn reconcile_node(
     // Networks of interrupted launches go once the orphans that used them are gone.
     remove_unknown_networks(st, node_id, networks).await;
     crate::api::services::reconcile_node(st, node_id).await;
+}
+
+/// Writes the state the engine reported for `c` when it differs from the row's. The report
+/// may be older than the row (an inventory is, and the loop waits on the node): the state is
+/// written only over the one it was compared with, never over a change made meanwhile (a stop
+/// through the API).
+fn record_state(st: &AppState, c: &Container, inv: &InventoryContainer) {
+    let state = ContainerState::from_docker(&inv.state);
+    if state != c.state {
+        let _ = st
+            .store
+            .update_container_state_from(&c.id, c.state, state, &inv.status);
+    }
 }
 
 /// Whether the store holds `id` in state `launching` right now.

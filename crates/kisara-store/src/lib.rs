@@ -880,15 +880,8 @@ impl Store {
         state: ContainerState,
         status: &str,
     ) -> Result<()> {
-        // removed_at records when the container was first found gone, and is cleared if it
-        // turns up again (an engine that was briefly unreachable).
-        self.conn().exec(
-            "UPDATE containers SET state = ?2, status = ?3,
-                 removed_at = CASE WHEN ?2 = 'gone' THEN coalesce(removed_at, ?4) END
-             WHERE id = ?1",
-            params![id, state_str(state), status, unix_now()],
-        )?;
-        Ok(())
+        self.write_container_state(id, None, state, status)
+            .map(|_| ())
     }
 
     /// [`Store::update_container_state`], only while the row is still in state `from`: whether
@@ -901,11 +894,30 @@ impl Store {
         state: ContainerState,
         status: &str,
     ) -> Result<bool> {
+        self.write_container_state(id, Some(from), state, status)
+    }
+
+    /// The state write of both: `from`, when given, must be the row's state.
+    fn write_container_state(
+        &self,
+        id: &str,
+        from: Option<ContainerState>,
+        state: ContainerState,
+        status: &str,
+    ) -> Result<bool> {
+        // removed_at records when the container was first found gone, and is cleared if it
+        // turns up again (an engine that was briefly unreachable).
         let n = self.conn().exec(
             "UPDATE containers SET state = ?2, status = ?3,
                  removed_at = CASE WHEN ?2 = 'gone' THEN coalesce(removed_at, ?4) END
-             WHERE id = ?1 AND state = ?5",
-            params![id, state_str(state), status, unix_now(), state_str(from)],
+             WHERE id = ?1 AND (?5 IS NULL OR state = ?5)",
+            params![
+                id,
+                state_str(state),
+                status,
+                unix_now(),
+                from.map(state_str)
+            ],
         )?;
         Ok(n > 0)
     }
@@ -1057,18 +1069,17 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// A node's unclaimed networks carrying `spare_label`, oldest first (ties by id); `made`:
-    /// only those the engine has made. Read through the `networks_unclaimed` index and ordered
-    /// here: with an `ORDER BY` SQLite re-prepared the statement on every run (an equality on
-    /// a bound parameter beside an ORDER BY marks the plan as depending on the value), which
-    /// cost more than the query.
+    /// A node's unclaimed networks carrying `spare_label` that the engine has made, oldest
+    /// first (ties by id). Read through the `networks_unclaimed` index and ordered here: with
+    /// an `ORDER BY` SQLite re-prepared the statement on every run (an equality on a bound
+    /// parameter beside an ORDER BY marks the plan as depending on the value), which cost more
+    /// than the query.
     fn unclaimed_spares(
         conn: &Connection,
         node_id: &str,
         spare_label: &str,
-        made: bool,
     ) -> Result<Vec<Network>> {
-        let mut stmt = conn.prepare_cached(&Self::unclaimed_sql(made))?;
+        let mut stmt = conn.prepare_cached(&Self::unclaimed_sql())?;
         let rows = stmt.query_map([node_id], Self::network_row)?;
         let mut out = Vec::new();
         for n in rows {
@@ -1082,25 +1093,16 @@ impl Store {
     }
 
     /// The statement of [`Store::unclaimed_spares`].
-    fn unclaimed_sql(made: bool) -> String {
+    fn unclaimed_sql() -> String {
         format!(
             "SELECT {} FROM networks INDEXED BY networks_unclaimed
-             WHERE node_id = ?1 AND owned_by IS NULL{}",
+             WHERE node_id = ?1 AND owned_by IS NULL AND docker_id != ''",
             Self::NETWORK_COLS,
-            if made { " AND docker_id != ''" } else { "" }
         )
     }
 
-    /// Spare networks of a node: carrying the `spare` label and not yet claimed.
-    pub fn spare_networks(&self, node_id: &str, spare_label: &str) -> Result<Vec<Network>> {
-        // Only unclaimed rows are read: the warm pool asks after every launch, and a node's
-        // claimed networks (one per container) are most of its rows.
-        Self::unclaimed_spares(&self.conn(), node_id, spare_label, false)
-    }
-
-    /// How many spare networks `node_id` has, made or being made: the length of
-    /// [`Store::spare_networks`], counted without reading the rows (the warm pool asks twice
-    /// per launch).
+    /// How many spare networks `node_id` has, made or being made (not yet claimed), counted
+    /// without reading the rows (the warm pool asks twice per launch).
     pub fn spare_count(&self, node_id: &str, spare_label: &str) -> Result<usize> {
         let n: i64 = self
             .conn()
@@ -1146,7 +1148,7 @@ impl Store {
         spare_label: &str,
         owner: &str,
     ) -> Result<Option<Network>> {
-        let candidate = Self::unclaimed_spares(conn, node_id, spare_label, true)?;
+        let candidate = Self::unclaimed_spares(conn, node_id, spare_label)?;
         let Some(mut net) = candidate.into_iter().next() else {
             return Ok(None);
         };
@@ -1674,11 +1676,6 @@ mod tests {
             .unwrap();
         st.insert_network(&network("other", "net-other", "n2", None))
             .unwrap();
-        let ids = |v: Vec<Network>| v.into_iter().map(|n| n.id).collect::<Vec<_>>();
-        assert_eq!(
-            ids(st.spare_networks("n1", "spare").unwrap()),
-            ["s2", "s3", "s1"]
-        );
         assert_eq!(st.spare_count("n1", "spare").unwrap(), 3);
         assert_eq!(st.spare_count("n2", "spare").unwrap(), 0);
         // A label key is matched whole (a dot or a quote in it is no JSON path).
@@ -1689,14 +1686,9 @@ mod tests {
             claimed.push(net.id);
         }
         assert_eq!(claimed, ["s2", "s3", "s1"]);
-        assert!(st.spare_networks("n1", "spare").unwrap().is_empty());
         assert_eq!(st.spare_count("n1", "spare").unwrap(), 0);
         let conn = st.conn();
-        for sql in [
-            Store::unclaimed_sql(false),
-            Store::unclaimed_sql(true),
-            Store::spare_count_sql("spare"),
-        ] {
+        for sql in [Store::unclaimed_sql(), Store::spare_count_sql("spare")] {
             let stmt = conn.prepare_cached(&sql).unwrap();
             assert!(stmt.get_status(rusqlite::StatementStatus::Run) >= 2);
             assert_eq!(
